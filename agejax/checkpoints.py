@@ -1,0 +1,171 @@
+"""Orbax checkpoints of a run: the latest (to resume) and the best (to use).
+
+A run directory holds two `orbax.checkpoint.CheckpointManager` folders:
+
+- ``latest/``: the full train state (params, BatchNorm statistics, optimizer
+  state, step) and the run's progress (stage, epoch, history), saved after
+  every epoch so a killed run resumes where it stopped.
+- ``best/``: the variables (params and BatchNorm statistics) of the epoch with
+  the best validation metric, with the model config and metrics as JSON. This
+  is what transfer (`load_variables`) and evaluation read.
+
+Both restore against abstract targets built from the config, so shapes and
+shardings are checked and arrays land where the caller wants them. Orbax
+writes each checkpoint to a temporary folder and renames it when complete, so
+an interrupted save never replaces a good checkpoint.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Callable
+
+import jax
+import orbax.checkpoint as ocp
+
+LATEST = 'latest'
+BEST = 'best'
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing or does not fit the model it is restored into."""
+
+
+def _manager(directory: pathlib.Path, items: tuple[str, ...]) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      directory.absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+      item_names=items,
+  )
+
+
+class RunCheckpoints:
+  """The ``latest`` and ``best`` checkpoint managers of one run directory."""
+
+  def __init__(self, directory: str | pathlib.Path):
+    directory = pathlib.Path(directory)
+    self.directory = directory
+    self._latest = _manager(directory / LATEST, ('state', 'progress'))
+    self._best = _manager(directory / BEST, ('variables', 'meta'))
+
+  def save_latest(self, epoch: int, state: Any, progress: dict[str, Any]) -> None:
+    self._latest.save(
+        epoch,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            progress=ocp.args.JsonSave(progress),
+        ),
+    )
+
+  def save_best(self, epoch: int, variables: Any, meta: dict[str, Any]) -> None:
+    self._best.save(
+        epoch,
+        args=ocp.args.Composite(
+            variables=ocp.args.StandardSave(variables),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
+
+  def latest_progress(self) -> dict[str, Any] | None:
+    """The progress JSON of the latest checkpoint, or None for a new run."""
+    step = self._latest.latest_step()
+    if step is None:
+      return None
+    return self._latest.restore(
+        step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
+    )['progress']
+
+  def restore_latest(self, abstract_state: Any) -> Any:
+    """Restores the latest train state into ``abstract_state``'s structure."""
+    step = self._latest.latest_step()
+    if step is None:
+      raise CheckpointError(f'No checkpoint to resume in {self.directory / LATEST}.')
+    return _restore(
+        self._latest, step, 'state', abstract_state, self.directory / LATEST
+    )
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._latest.wait_until_finished()
+    self._best.wait_until_finished()
+
+  def close(self) -> None:
+    self._latest.close()
+    self._best.close()
+
+
+def _restore(
+    manager: ocp.CheckpointManager,
+    step: int,
+    item: str,
+    abstract: Any,
+    where: pathlib.Path,
+) -> Any:
+  try:
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}),
+    )
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(
+        f'Checkpoint {where}/{step} does not fit the model being restored'
+        f' into: {e}. Use a checkpoint written with the same model config, or'
+        ' a fresh run directory.'
+    ) from e
+  return restored[item]
+
+
+def best_dir(path: str | pathlib.Path) -> pathlib.Path:
+  """Finds the ``best/`` folder of a run directory (or accepts it directly)."""
+  path = pathlib.Path(path)
+  for candidate in (path / 'checkpoints' / BEST, path / BEST, path):
+    if candidate.is_dir() and any(
+        p.name.isdigit() for p in candidate.iterdir()
+    ):
+      return candidate
+  raise CheckpointError(
+      f'No agejax checkpoint under {path}: expected a run directory holding'
+      f' checkpoints/{BEST}/<epoch>/ (written by experiments.pretrain_fer or'
+      ' experiments.finetune). Check the path, or train the model first.'
+  )
+
+
+def load_meta(path: str | pathlib.Path) -> dict[str, Any]:
+  """The JSON metadata (model config, metrics) of a run's best checkpoint."""
+  directory = best_dir(path)
+  manager = _manager(directory, ('variables', 'meta'))
+  step = manager.best_step() or manager.latest_step()
+  meta = manager.restore(
+      step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+  )['meta']
+  manager.close()
+  return meta
+
+
+def load_variables(
+    path: str | pathlib.Path, abstract_fn: Callable[[dict[str, Any]], Any]
+) -> tuple[Any, dict[str, Any]]:
+  """Restores the best variables of a run, and their metadata.
+
+  Args:
+    path: A run directory, or its ``checkpoints/best`` folder.
+    abstract_fn: Builds the abstract target (`jax.ShapeDtypeStruct` leaves,
+      optionally with shardings) from the checkpoint's metadata, typically by
+      `jax.eval_shape` of the model's init for ``meta['model']``.
+  """
+  directory = best_dir(path)
+  meta = load_meta(directory)
+  manager = _manager(directory, ('variables', 'meta'))
+  step = manager.latest_step()
+  try:
+    variables = _restore(manager, step, 'variables', abstract_fn(meta), directory)
+  finally:
+    manager.close()
+  return variables, meta
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+  """`jax.ShapeDtypeStruct`s of ``tree``, placed with ``sharding`` if given."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+  )

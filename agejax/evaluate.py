@@ -1,0 +1,90 @@
+"""Evaluating a train state on a whole dataset, exactly.
+
+`eval_step` sums are accumulated on device over fixed-shape, padded and masked
+batches; every score is then derived from the totals (see `agejax.metrics`),
+so the result does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from agejax import batching
+from agejax import config as config_lib
+from agejax import metrics
+from agejax import parallel
+from agejax import steps
+
+CS_CURVE_KS = tuple(range(11))
+TOLERANCE_K = 3
+
+
+def accumulate(
+    state: steps.TrainState,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    config: config_lib.StepConfig,
+    batch_size: int,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, np.ndarray]:
+  """Sums of `agejax.steps.eval_step` over every example of ``arrays``."""
+  mesh = parallel.data_mesh() if mesh is None else mesh
+  parallel.check_batch_size(batch_size, mesh)
+  totals = None
+  for batch in batching.eval_batches(arrays, batch_size):
+    sums = steps.eval_step(state, parallel.shard_batch(batch, mesh), config=config)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError('Cannot evaluate on an empty dataset.')
+  return jax.device_get(totals)
+
+
+def summarize(
+    totals: Mapping[str, np.ndarray], *, config: config_lib.StepConfig
+) -> dict[str, Any]:
+  """All scores of accumulated eval sums, as plain Python values.
+
+  Keys: ``loss``; ``accuracy``; ``cs@k`` for k = 0..10 (in classes: years for
+  age classes); ``mae`` (argmax decoding, years), ``mae_expected`` (DEX) and
+  ``mae_median``; ``{macro,weighted}_{precision,recall,f1}`` over the classes
+  present in labels or predictions; the same with prefix ``tol3_`` for the
+  study's tolerance-adjusted metrics; and ``per_class`` precision, recall,
+  F1 and support lists.
+  """
+  cm = np.asarray(totals['confusion'])
+  count = float(totals['count'])
+  values = None if config.class_values is None else np.asarray(config.class_values)
+  summary = metrics.report_from_confusion(
+      cm, ks=CS_CURVE_KS, tolerance_k=TOLERANCE_K, class_values=values
+  )
+  summary['loss'] = float(totals['loss_sum']) / count
+  summary['mae'] = float(totals['abs_err_argmax']) / count
+  summary['mae_expected'] = float(totals['abs_err_expected']) / count
+  summary['mae_median'] = float(totals['abs_err_median']) / count
+  p, r, f1, support = jax.device_get(metrics.precision_recall_f1_support(cm))
+  summary['per_class'] = {
+      'precision': p.tolist(),
+      'recall': r.tolist(),
+      'f1': f1.tolist(),
+      'support': support.tolist(),
+  }
+  return summary
+
+
+def evaluate(
+    state: steps.TrainState,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    config: config_lib.StepConfig,
+    batch_size: int,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
+  """Returns (`summarize` scores, confusion matrix) of ``state`` on ``arrays``."""
+  totals = accumulate(
+      state, arrays, config=config, batch_size=batch_size, mesh=mesh
+  )
+  return summarize(totals, config=config), np.asarray(totals['confusion'])

@@ -1,0 +1,112 @@
+"""The study's CNN as one configurable Flax (linen) module.
+
+The same module serves both tasks: with the FER head it is the Kaggle emotion
+network the study started from, with the age head it is the study's final
+"+1 FC" age model. Layer names are stable (``block1/conv1``, ``block2/bn1``,
+``head/dense1``, ``logits``) because freezing and transfer select layers by
+parameter path.
+
+Layer order follows the study's Keras model: each convolution and each hidden
+dense layer is followed by ReLU and *then* BatchNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from agejax import conv as conv_lib
+
+FER_DENSE_UNITS = (512, 256)
+AGE_DENSE_UNITS = (512, 512, 256)
+STUDY_CONV_FILTERS = ((32, 64), (128, 128), (128, 256))
+
+# Keras defaults, which the study's network used.
+_BN_MOMENTUM = 0.99
+_BN_EPSILON = 1e-3
+
+
+class CNN(nn.Module):
+  """Blocks of 3x3 VALID convolutions, then a dense head, then logits.
+
+  Attributes:
+    num_classes: Number of output logits (7 emotions, 100 ages, 11 ranges).
+    conv_filters: Filters of each convolution, one tuple per block. Each block
+      ends in 2x2 max-pooling and dropout.
+    dense_units: Width of each hidden dense layer of the head.
+    conv_dropout: Dropout rate at the end of each convolutional block.
+    dense_dropout: Dropout rate after each hidden dense layer.
+    frozen_bn: Paths (``'block1/bn1'``) of BatchNorm layers that run in
+      inference mode even when training, as frozen BatchNorm layers do in
+      Keras: they use, and never update, their running statistics.
+    conv_impl: Convolution implementation, see `agejax.conv`.
+    dtype: Computation dtype (``jnp.bfloat16`` for mixed precision). Parameters
+      and BatchNorm statistics are always float32.
+  """
+
+  num_classes: int
+  conv_filters: Sequence[Sequence[int]] = STUDY_CONV_FILTERS
+  dense_units: Sequence[int] = FER_DENSE_UNITS
+  conv_dropout: float = 0.25
+  dense_dropout: float = 0.5
+  frozen_bn: tuple[str, ...] = ()
+  conv_impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Maps images [B, H, W, C] (float, in [0, 1]) to logits [B, num_classes]."""
+    if x.ndim != 4:
+      raise ValueError(
+          f'CNN expects images of shape [batch, height, width, channels], got'
+          f' shape {x.shape}.'
+      )
+    x = x.astype(self.dtype)
+    conv_fn = conv_lib.conv_general_dilated_for(self.conv_impl)
+    for b, filters in enumerate(self.conv_filters, start=1):
+      for c, features in enumerate(filters, start=1):
+        x = nn.Conv(
+            features,
+            (3, 3),
+            padding='VALID',
+            dtype=self.dtype,
+            conv_general_dilated=conv_fn,
+            name=f'block{b}/conv{c}',
+        )(x)
+        x = nn.relu(x)
+        x = self._batch_norm(f'block{b}/bn{c}', train)(x)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = nn.Dropout(self.conv_dropout, deterministic=not train)(x)
+    x = x.reshape((x.shape[0], -1))
+    for d, units in enumerate(self.dense_units, start=1):
+      x = nn.Dense(units, dtype=self.dtype, name=f'head/dense{d}')(x)
+      x = nn.relu(x)
+      x = self._batch_norm(f'head/bn{d}', train)(x)
+      x = nn.Dropout(self.dense_dropout, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
+    return x.astype(jnp.float32)
+
+  def _batch_norm(self, name: str, train: bool) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        use_running_average=not train or name in self.frozen_bn,
+        momentum=_BN_MOMENTUM,
+        epsilon=_BN_EPSILON,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        name=name,
+    )
+
+
+def fer_model(**overrides: Any) -> CNN:
+  """The study's FER2013 network: head (512, 256) -> 7 emotions."""
+  return CNN(**{'num_classes': 7, 'dense_units': FER_DENSE_UNITS, **overrides})
+
+
+def age_model(num_classes: int = 100, **overrides: Any) -> CNN:
+  """The study's final age network ("+1 FC"): head (512, 512, 256) -> ages."""
+  return CNN(
+      **{'num_classes': num_classes, 'dense_units': AGE_DENSE_UNITS, **overrides}
+  )

@@ -1,0 +1,58 @@
+"""Where a run's numbers go: JSON files, JSON lines and TensorBoard events."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from tensorboardX import SummaryWriter
+
+
+def write_json(path: str | pathlib.Path, obj: Any) -> None:
+  """Writes JSON atomically: readers see the old file or the new, never half."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_plain))
+  tmp.replace(path)
+
+
+def write_history(path: str | pathlib.Path, history: Sequence[Mapping[str, Any]]) -> None:
+  """Rewrites the run's JSON-lines history, one line per epoch, atomically.
+
+  Rewriting the whole (small) file from the checkpointed history keeps it
+  consistent with the checkpoint after a resume.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(
+      ''.join(json.dumps(h, sort_keys=True, default=_plain) + '\n' for h in history)
+  )
+  tmp.replace(path)
+
+
+def _plain(x: Any) -> Any:
+  if isinstance(x, np.generic):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f'{type(x).__name__} is not JSON serialisable')
+
+
+class TensorBoardWriter:
+  """Scalars to TensorBoard event files (tensorboardX; no TensorFlow)."""
+
+  def __init__(self, logdir: str | pathlib.Path):
+    self._writer = SummaryWriter(str(logdir))
+
+  def scalars(self, step: int, values: Mapping[str, Any], prefix: str = '') -> None:
+    for name, value in values.items():
+      if isinstance(value, (int, float, np.number)):
+        self._writer.add_scalar(f'{prefix}{name}', float(value), step)
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()

@@ -1,0 +1,268 @@
+"""Train state, and the pure jitted train and eval steps.
+
+Batches are dicts: ``image`` uint8 [B, H, W, C], ``label`` int32 [B], ``mask``
+bool [B] (False marks padding), and optionally ``age`` int32 [B] (years; used
+for MAE when classes are age ranges). Steps return *sums and counts*, never
+batch means, so that totals over an epoch are exact whatever the padding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from agejax import augment as augment_lib
+from agejax import config as config_lib
+from agejax import freezing
+from agejax import losses
+from agejax import metrics
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(train_state.TrainState):
+  """Flax's train state plus the BatchNorm running statistics."""
+
+  batch_stats: Any
+
+
+def init_variables(
+    rng: jax.Array, model: nn.Module, input_shape: tuple[int, int, int]
+) -> dict[str, Any]:
+  """Initialises ``{'params', 'batch_stats'}`` for images of ``input_shape``."""
+  dummy = jnp.zeros((1, *input_shape), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(rng, dummy)
+  return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+
+
+def _stage_parts(
+    model_config: config_lib.ModelConfig,
+    stage: config_lib.StageConfig,
+    variables: dict[str, Any],
+) -> tuple[nn.Module, optax.GradientTransformation]:
+  frozen_bn = freezing.frozen_batch_norm_layers(
+      variables['params'], variables['batch_stats'], stage.freeze
+  )
+  tx = freezing.make_optimizer(
+      variables['params'],
+      stage.freeze,
+      lambda: optax.adam(stage.learning_rate),
+  )
+  return model_config.build(frozen_bn), tx
+
+
+def create_train_state(
+    model_config: config_lib.ModelConfig,
+    stage: config_lib.StageConfig,
+    variables: dict[str, Any],
+) -> TrainState:
+  """A fresh train state for ``stage`` (its freezing and learning rate)."""
+  model, tx = _stage_parts(model_config, stage, variables)
+  return TrainState.create(
+      apply_fn=model.apply,
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      tx=tx,
+  )
+
+
+def start_stage(
+    state: TrainState,
+    model_config: config_lib.ModelConfig,
+    stage: config_lib.StageConfig,
+) -> TrainState:
+  """Switches ``state`` to a new stage's freezing and learning rate.
+
+  Adam's moments of the leaves that train in both stages carry over (see
+  `agejax.freezing.carry_opt_state`); the step counter continues.
+  """
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  model, tx = _stage_parts(model_config, stage, variables)
+  opt_state = freezing.carry_opt_state(state.opt_state, tx.init(state.params))
+  return state.replace(apply_fn=model.apply, tx=tx, opt_state=opt_state)
+
+
+def _images(batch: Batch, dtype=jnp.float32) -> jax.Array:
+  return batch['image'].astype(dtype) / 255.0
+
+
+def _train_step(
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    config: config_lib.StepConfig,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  aug_rng, dropout_rng = jax.random.split(rng)
+  images = _images(batch)
+  if not config.augment.is_identity:
+    images = augment_lib.augment_batch(aug_rng, images, config.augment)
+  labels = batch['label']
+  mask = batch['mask'].astype(jnp.float32)
+  class_weights = (
+      None
+      if config.class_weights is None
+      else jnp.asarray(config.class_weights, jnp.float32)
+  )
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats},
+        images,
+        train=True,
+        rngs={'dropout': dropout_rng},
+        mutable=['batch_stats'],
+    )
+    per_example = losses.softmax_cross_entropy(
+        logits,
+        labels,
+        label_smoothing=config.label_smoothing,
+        class_weights=class_weights,
+    )
+    loss_sum = jnp.sum(per_example * mask)
+    return loss_sum / jnp.maximum(jnp.sum(mask), 1.0), (
+        loss_sum,
+        logits,
+        updates,
+    )
+
+  grads, (loss_sum, logits, updates) = jax.grad(loss_fn, has_aux=True)(
+      state.params
+  )
+  state = state.apply_gradients(grads=grads, batch_stats=updates['batch_stats'])
+  correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+  return state, {'loss_sum': loss_sum, 'correct': correct, 'count': jnp.sum(mask)}
+
+
+@functools.partial(
+    jax.jit, static_argnames=('config',), donate_argnames=('state',)
+)
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    config: config_lib.StepConfig = config_lib.StepConfig(),
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a full batch.
+
+  Augmentation and dropout are keyed by ``rng``; the caller derives it from
+  the run's seed, epoch and step, so a run is reproducible and resumable.
+
+  Returns:
+    The new state, and ``loss_sum``, ``correct`` and ``count`` over the
+    batch's unmasked examples.
+  """
+  return _train_step(state, batch, rng, config)
+
+
+def epoch_keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Splits an epoch's key into (shuffle key, step key); step i uses
+  ``jax.random.fold_in(step_key, i)``."""
+  perm_key, step_key = jax.random.split(key)
+  return perm_key, step_key
+
+
+def epoch_indices(key: jax.Array, n: int, batch_size: int) -> jax.Array:
+  """A shuffled [steps, batch_size] index matrix; the remainder is dropped."""
+  steps = n // batch_size
+  if steps == 0:
+    raise ValueError(
+        f'Training set of {n} examples is smaller than one batch of {batch_size}.'
+    )
+  perm = jax.random.permutation(key, n)
+  return perm[: steps * batch_size].reshape(steps, batch_size)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=('config', 'batch_size', 'batch_sharding'),
+    donate_argnames=('state',),
+)
+def train_epoch(
+    state: TrainState,
+    images: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    *,
+    batch_size: int,
+    config: config_lib.StepConfig = config_lib.StepConfig(),
+    batch_sharding: jax.sharding.Sharding | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One whole epoch as a single compiled program (a `lax.scan` over batches).
+
+  ``images`` and ``labels`` are the whole training set, already on device.
+  Shuffling and the per-step keys come from `epoch_keys`, as in the per-step
+  loop, so both modes train identically.
+  """
+  perm_key, step_key = epoch_keys(key)
+  indices = epoch_indices(perm_key, images.shape[0], batch_size)
+
+  def body(state, xs):
+    step, idx = xs
+    batch = {
+        'image': images[idx],
+        'label': labels[idx],
+        'mask': jnp.ones((batch_size,), bool),
+    }
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+    return _train_step(state, batch, jax.random.fold_in(step_key, step), config)
+
+  steps = jnp.arange(indices.shape[0])
+  state, per_step = jax.lax.scan(body, state, (steps, indices))
+  return state, jax.tree.map(jnp.sum, per_step)
+
+
+@functools.partial(jax.jit, static_argnames=('config',))
+def eval_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    config: config_lib.StepConfig = config_lib.StepConfig(),
+) -> dict[str, jax.Array]:
+  """Sums over a (possibly padded) batch, for exact epoch totals.
+
+  Returns ``loss_sum``, ``count``, the ``confusion`` matrix (rows true, columns
+  predicted) and absolute errors in years summed for three decodings of the
+  predicted distribution: ``abs_err_argmax``, ``abs_err_expected`` (DEX) and
+  ``abs_err_median``. The true age is ``batch['age']`` when present, else the
+  value of the true class.
+  """
+  logits = state.apply_fn(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      _images(batch),
+      train=False,
+  )
+  num_classes = logits.shape[-1]
+  labels = batch['label']
+  mask = batch['mask']
+  maskf = mask.astype(jnp.float32)
+  probs = jax.nn.softmax(logits)
+  values = (
+      jnp.arange(num_classes, dtype=jnp.float32)
+      if config.class_values is None
+      else jnp.asarray(config.class_values, jnp.float32)
+  )
+  true_age = (
+      batch['age'].astype(jnp.float32) if 'age' in batch else values[labels]
+  )
+  preds = jnp.argmax(logits, -1)
+  decoded = {
+      'argmax': values[preds],
+      'expected': probs @ values,
+      'median': values[metrics.decode_median(probs)],
+  }
+  out = {
+      'loss_sum': jnp.sum(losses.softmax_cross_entropy(logits, labels) * maskf),
+      'count': jnp.sum(maskf),
+      'confusion': metrics.confusion_matrix(labels, preds, num_classes, mask),
+  }
+  for name, age in decoded.items():
+    out[f'abs_err_{name}'] = jnp.sum(jnp.abs(age - true_age) * maskf)
+  return out

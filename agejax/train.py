@@ -1,0 +1,316 @@
+"""The training loop: stages, epochs, evaluation, checkpoints, resume.
+
+`train_and_evaluate` is the one entry point the experiments call. A run is a
+directory; running the same config on the same directory again resumes after
+the last completed epoch and ends with the same metrics as a run that was
+never interrupted, because every random key is derived from the seed, the
+epoch and the step, and the whole train state is checkpointed each epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from agejax import batching
+from agejax import checkpoints
+from agejax import config as config_lib
+from agejax import evaluate as evaluate_lib
+from agejax import parallel
+from agejax import run_logging
+from agejax import steps
+from agejax import transfer
+
+Arrays = Mapping[str, np.ndarray]
+
+# Scores copied from the validation summary into each epoch's history line.
+_HISTORY_KEYS = (
+    'loss', 'accuracy', 'mae', 'mae_expected', 'cs@1', 'cs@2', 'cs@3',
+    'macro_f1', 'weighted_f1',
+)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+  """A frozen config dataclass as JSON-compatible nested dicts and lists."""
+  return _jsonable(dataclasses.asdict(config))
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  return x
+
+
+def abstract_variables(model_config: config_lib.ModelConfig) -> Any:
+  """Shapes and dtypes of ``{'params', 'batch_stats'}``, without computing them."""
+  return jax.eval_shape(
+      lambda: steps.init_variables(
+          jax.random.key(0), model_config.build(), model_config.input_shape
+      )
+  )
+
+
+def initial_variables(
+    config: config_lib.TrainConfig, log: Callable[[str], None] = print
+) -> tuple[dict[str, Any], transfer.TransferReport | None]:
+  """Random initialisation, then transfer from ``config.init_from`` if set."""
+  init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  model_config = config.model
+  variables = steps.init_variables(
+      init_key, model_config.build(), model_config.input_shape
+  )
+  if not config.init_from:
+    return variables, None
+  loaded, _ = checkpoints.load_variables(
+      config.init_from,
+      lambda meta: abstract_variables(config_lib.model_config_from_dict(meta['model'])),
+  )
+  variables, report = transfer.merge_params(loaded, variables, config.dont_load)
+  log(report.format())
+  return variables, report
+
+
+def _state_tree(state: steps.TrainState) -> dict[str, Any]:
+  return {
+      'step': state.step,
+      'params': state.params,
+      'batch_stats': state.batch_stats,
+      'opt_state': state.opt_state,
+  }
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+  if best is None:
+    return True
+  return value > best if mode == 'max' else value < best
+
+
+def train_and_evaluate(
+    config: config_lib.TrainConfig,
+    data: Mapping[str, Arrays],
+    workdir: str | pathlib.Path,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    log: Callable[[str], None] = print,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+  """Trains through every stage of ``config``, then evaluates the best epoch.
+
+  Args:
+    config: The run's configuration.
+    data: ``'train'``, ``'validation'`` and optionally ``'test'`` splits, each
+      a dict of arrays with ``image`` uint8 [N, H, W, C] and ``label`` int32
+      [N] (and ``age`` for MAE in years when classes are age ranges).
+    workdir: The run directory: checkpoints, ``config.json``,
+      ``metrics.jsonl``, ``tensorboard/``, ``results.json``.
+    mesh: Devices to train on (default: every device, data parallel).
+    log: Where progress lines go.
+    show_progress: Show a progress bar per epoch.
+
+  Returns:
+    ``{'best_epoch', 'validation', 'test', 'history', 'transfer'}``; the
+    validation and test entries are `agejax.evaluate.summarize` scores of the
+    best checkpoint plus its ``confusion`` matrix.
+  """
+  workdir = pathlib.Path(workdir)
+  mesh = parallel.data_mesh() if mesh is None else mesh
+  for size in (config.batch_size, config.eval_batch_size):
+    parallel.check_batch_size(size, mesh)
+  missing = [s for s in ('train', 'validation') if s not in data]
+  if missing:
+    raise KeyError(f'data needs splits {missing}; got {sorted(data)}.')
+
+  run_config = config_dict(config)
+  model_config = config.model
+  train_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+  plan = [
+      (s, e) for s, stage in enumerate(config.stages) for e in range(stage.epochs)
+  ]
+  ckpts = checkpoints.RunCheckpoints(workdir / 'checkpoints')
+  progress = ckpts.latest_progress()
+  if progress is not None and progress['config'] != run_config:
+    raise checkpoints.CheckpointError(
+        f'{workdir} holds a run with a different config; resume it with the'
+        f' same flags, or choose a new --workdir. Saved: {workdir / "config.json"}.'
+    )
+
+  variables, report = initial_variables(config, log)
+  if report is not None:
+    run_logging.write_json(workdir / 'transfer_report.json', report.to_dict())
+  run_logging.write_json(workdir / 'config.json', run_config)
+
+  if progress is None:
+    done, history, best, stage_idx = 0, [], None, 0
+    state = steps.create_train_state(model_config, config.stages[0], variables)
+  else:
+    done, history, best = progress['epoch'], progress['history'], progress['best']
+    stage_idx = plan[done - 1][0]
+    template = steps.create_train_state(
+        model_config, config.stages[stage_idx], variables
+    )
+    restored = ckpts.restore_latest(
+        checkpoints.abstract_like(_state_tree(template), parallel.replicated(mesh))
+    )
+    state = template.replace(**restored)
+    log(f'Resuming {workdir} after epoch {done} of {len(plan)}.')
+  state = parallel.replicate(state, mesh)
+
+  train = data['train']
+  epoch_mode = config.epoch_mode
+  if epoch_mode == 'auto':
+    epoch_mode = 'loop' if jax.default_backend() == 'cpu' else 'scan'
+  if epoch_mode == 'scan':
+    on_device = parallel.replicate(
+        {'image': train['image'], 'label': train['label']}, mesh
+    )
+
+  writer = run_logging.TensorBoardWriter(workdir / 'tensorboard')
+  for g in range(done, len(plan)):
+    s, e = plan[g]
+    stage = config.stages[s]
+    if s != stage_idx:
+      state = steps.start_stage(state, model_config, stage)
+      stage_idx = s
+    start = time.time()
+    epoch_key = jax.random.fold_in(train_key, g)
+    desc = f'{stage.name} epoch {e + 1}/{stage.epochs}'
+    if epoch_mode == 'scan':
+      state, sums = steps.train_epoch(
+          state,
+          on_device['image'],
+          on_device['label'],
+          epoch_key,
+          batch_size=config.batch_size,
+          config=config.step,
+          batch_sharding=parallel.batch_sharding(mesh),
+      )
+    else:
+      state, sums = _train_epoch_loop(
+          state, train, epoch_key, config, mesh, desc, show_progress
+      )
+    sums = jax.device_get(sums)
+    val, _ = evaluate_lib.evaluate(
+        state,
+        data['validation'],
+        config=config.step,
+        batch_size=config.eval_batch_size,
+        mesh=mesh,
+    )
+    entry = {
+        'epoch': g + 1,
+        'stage': stage.name,
+        'train_loss': float(sums['loss_sum'] / sums['count']),
+        'train_accuracy': float(sums['correct'] / sums['count']),
+        **{f'val_{k}': val[k] for k in _HISTORY_KEYS},
+        'seconds': round(time.time() - start, 2),
+    }
+    history.append(entry)
+    log(_format_entry(desc, entry))
+    writer.scalars(g + 1, {k: v for k, v in entry.items() if k != 'epoch'})
+    if config.select_metric not in val:
+      raise KeyError(
+          f'select_metric {config.select_metric!r} is not a validation score;'
+          f' choose one of {sorted(k for k in val if k != "per_class")}.'
+      )
+    value = val[config.select_metric]
+    if _better(value, best, config.select_mode):
+      best = value
+      ckpts.save_best(
+          g + 1,
+          {'params': state.params, 'batch_stats': state.batch_stats},
+          {
+              'model': config_dict(model_config),
+              'epoch': g + 1,
+              'validation': {k: v for k, v in val.items() if k != 'per_class'},
+          },
+      )
+    ckpts.save_latest(
+        g + 1,
+        _state_tree(state),
+        {'epoch': g + 1, 'history': history, 'best': best, 'config': run_config},
+    )
+    run_logging.write_history(workdir / 'metrics.jsonl', history)
+  writer.close()
+  ckpts.wait()
+  ckpts.close()
+
+  best_variables, meta = checkpoints.load_variables(
+      workdir,
+      lambda _: checkpoints.abstract_like(
+          {'params': state.params, 'batch_stats': state.batch_stats},
+          parallel.replicated(mesh),
+      ),
+  )
+  best_state = state.replace(**best_variables)
+  results = {
+      'best_epoch': meta['epoch'],
+      'history': history,
+      'transfer': None if report is None else report.to_dict(),
+  }
+  for split in ('validation', 'test'):
+    if split in data:
+      summary, confusion = evaluate_lib.evaluate(
+          best_state,
+          data[split],
+          config=config.step,
+          batch_size=config.eval_batch_size,
+          mesh=mesh,
+      )
+      results[split] = {**summary, 'confusion': confusion.tolist()}
+  run_logging.write_json(workdir / 'results.json', results)
+  return results
+
+
+def _train_epoch_loop(
+    state: steps.TrainState,
+    train: Arrays,
+    epoch_key: jax.Array,
+    config: config_lib.TrainConfig,
+    mesh: jax.sharding.Mesh,
+    desc: str,
+    show_progress: bool,
+) -> tuple[steps.TrainState, dict[str, jax.Array]]:
+  """One epoch as a Python loop of jitted steps, with a progress bar."""
+  perm_key, step_key = steps.epoch_keys(epoch_key)
+  indices = np.asarray(
+      steps.epoch_indices(perm_key, len(train['image']), config.batch_size)
+  )
+  totals = None
+  bar = tqdm.tqdm(
+      total=len(indices), desc=desc, disable=not show_progress, leave=False
+  )
+  for i, batch in enumerate(batching.train_batches(train, indices)):
+    state, sums = steps.train_step(
+        state,
+        parallel.shard_batch(batch, mesh),
+        jax.random.fold_in(step_key, i),
+        config=config.step,
+    )
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    bar.update()
+    if show_progress and (i % 10 == 0 or i == len(indices) - 1):
+      host = jax.device_get(totals)
+      bar.set_postfix(
+          loss=f'{host["loss_sum"] / host["count"]:.3f}',
+          acc=f'{host["correct"] / host["count"]:.3f}',
+      )
+  bar.close()
+  return state, totals
+
+
+def _format_entry(desc: str, entry: Mapping[str, Any]) -> str:
+  return (
+      f'{desc}: train loss {entry["train_loss"]:.3f} acc'
+      f' {entry["train_accuracy"]:.3f} | val loss {entry["val_loss"]:.3f} acc'
+      f' {entry["val_accuracy"]:.3f} mae {entry["val_mae"]:.2f} cs@3'
+      f' {entry["val_cs@3"]:.3f} | {entry["seconds"]:.1f}s'
+  )
