@@ -1,0 +1,80 @@
+"""Data report for UTKFace: the study's Figure 1 and Figure A2, split counts, cleaning report.
+
+  python -m experiments.data_report --manual_dir=../shared/data --out_dir=outputs/data_report
+
+Writes figure1_images_per_age.png (images per age, all read images, ages above max_age
+shaded), figure_a2_age_boxplot.png (age distribution per split) and data_report.json
+(prepare report, cleaning and split report, per-split counts per age).
+"""
+
+import json
+import os
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+from absl import app
+from absl import flags
+
+from agejax.data import splits as splits_lib
+from agejax.data import utk_face
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_MANUAL_DIR = flags.DEFINE_string(
+    'manual_dir', os.environ.get('AGEJAX_DATA_DIR', os.path.join(_REPO, '..', 'shared', 'data')),
+    'Folder with UTKFace.tar.gz or UTKFace/ (default $AGEJAX_DATA_DIR or ../shared/data).')
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir (default ~/tensorflow_datasets).')
+_OUT_DIR = flags.DEFINE_string('out_dir', 'outputs/data_report', 'Where to write PNG and JSON.')
+_PROTOCOL = flags.DEFINE_enum('protocol', 'dedup', list(splits_lib.PROTOCOLS), 'Split protocol.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Split seed.')
+_MAX_AGE = flags.DEFINE_integer('max_age', 99, 'Largest age kept (classes 0..max_age).')
+
+
+def plot_images_per_age(ages: np.ndarray, max_age: int, path: str) -> None:
+  """Figure 1: a bar per age; bars above max_age (excluded from the task) are grey."""
+  counts = np.bincount(ages)
+  colors = ['tab:blue' if age <= max_age else 'tab:gray' for age in range(len(counts))]
+  fig, ax = plt.subplots(figsize=(12, 4))
+  ax.bar(np.arange(len(counts)), counts, color=colors, width=0.9)
+  ax.set(xlabel='age', ylabel='images', title=f'UTKFace images per age (n={len(ages)})')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_age_boxplot(split_ages: dict[str, np.ndarray], path: str) -> None:
+  """Figure A2: box plot of ages, one box per split."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.boxplot(list(split_ages.values()), tick_labels=list(split_ages))
+  ax.set(ylabel='age', title='UTKFace age distribution per split')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  arrays, prepare_report = utk_face.load(_MANUAL_DIR.value, data_dir=_DATA_DIR.value)
+  splits, split_report = splits_lib.make_splits(
+      arrays, protocol=_PROTOCOL.value, seed=_SEED.value, max_age=_MAX_AGE.value)
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  plot_images_per_age(arrays['age'], _MAX_AGE.value,
+                      os.path.join(_OUT_DIR.value, 'figure1_images_per_age.png'))
+  plot_age_boxplot({name: s['age'] for name, s in splits.items()},
+                   os.path.join(_OUT_DIR.value, 'figure_a2_age_boxplot.png'))
+  report = {
+      'prepare': prepare_report,
+      'splits': split_report,
+      'per_split_age_counts': {
+          name: np.bincount(s['label'], minlength=_MAX_AGE.value + 1).tolist()
+          for name, s in splits.items()},
+  }
+  with open(os.path.join(_OUT_DIR.value, 'data_report.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  print(json.dumps(split_report, indent=2))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,156 @@
+"""Dedup, age filter, split protocols and class balance on small synthetic arrays."""
+
+import chex
+import numpy as np
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from agejax.data import balance
+from agejax.data import cleaning
+from agejax.data import splits
+
+
+def _arrays(ages, hashes):
+  n = len(ages)
+  return {
+      'image': np.arange(n * 4, dtype=np.uint8).reshape(n, 2, 2, 1),
+      'age': np.asarray(ages, dtype=np.int32),
+      'hash': np.asarray(hashes),
+      'file_name': np.array([f'f{i}' for i in range(n)]),
+  }
+
+
+def _synthetic(n=600, seed=0):
+  """Ages 0..119 with 30 duplicate pairs (10 of them conflicting)."""
+  rng = np.random.default_rng(seed)
+  ages = rng.integers(0, 120, n).astype(np.int32)
+  hashes = np.array([f'h{i}' for i in range(n)])
+  hashes[n - 30:] = hashes[:30]
+  ages[n - 30:] = ages[:30]
+  ages[n - 10:] = (ages[20:30] + 1) % 100
+  return _arrays(ages, hashes)
+
+
+class DeduplicateTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('drop', 'drop', [0, 1, 4], 2, 1, 3),
+      ('keep_first', 'keep_first', [0, 1, 3, 4], 2, 1, 0),
+  )
+  def test_groups(self, conflicts, kept_rows, groups, conflicting, dropped):
+    # Rows 0,2: same hash, same age. Rows 3,5,6: same hash, different ages.
+    data = _arrays([5, 7, 5, 9, 11, 10, 9], ['a', 'b', 'a', 'c', 'd', 'c', 'c'])
+    kept, report = cleaning.deduplicate(data, conflicts=conflicts)
+    chex.assert_trees_all_equal(kept['file_name'], data['file_name'][kept_rows])
+    self.assertEqual(report['duplicate_groups'], groups)
+    self.assertEqual(report['conflicting_groups'], conflicting)
+    self.assertEqual(report['conflicting_rows_dropped'], dropped)
+    self.assertEqual(report['unique_hashes'], 4)
+
+  def test_bad_policy_raises(self):
+    with self.assertRaisesRegex(ValueError, 'conflicts must be one of'):
+      cleaning.deduplicate(_arrays([1], ['a']), conflicts='vote')
+
+  def test_filter_max_age(self):
+    kept, excluded = cleaning.filter_max_age(_arrays([1, 99, 100, 116], list('abcd')), max_age=99)
+    chex.assert_trees_all_equal(kept['age'], np.array([1, 99], dtype=np.int32))
+    self.assertEqual(excluded, 2)
+
+
+class MakeSplitsTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(('dedup', 'dedup'), ('paper', 'paper'), ('leaky', 'leaky'))
+  def test_labels_counts_and_determinism(self, protocol):
+    data = _synthetic()
+    out, report = splits.make_splits(data, protocol=protocol, seed=3)
+    again, _ = splits.make_splits(data, protocol=protocol, seed=3)
+    chex.assert_trees_all_equal(out, again)
+    total = sum(report['split_counts'].values())
+    self.assertEqual(report['above_max_age_read'], int((data['age'] > 99).sum()))
+    for name, part in out.items():
+      chex.assert_trees_all_equal(part['label'], part['age'])
+      self.assertEqual(part['label'].dtype, np.int32)
+      self.assertTrue(np.all((part['label'] >= 0) & (part['label'] <= 99)))
+      self.assertLessEqual(abs(len(part['label']) / total - {'train': .7}.get(name, .15)), 0.03)
+    other, _ = splits.make_splits(data, protocol=protocol, seed=4)
+    self.assertFalse(np.array_equal(other['test']['file_name'], out['test']['file_name']))
+
+  def test_dedup_no_hash_in_two_splits(self):
+    out, report = splits.make_splits(_synthetic(), protocol='dedup')
+    sets = [set(out[name]['hash'].tolist()) for name in splits.SPLITS]
+    self.assertEqual(sets[0] & sets[1] | sets[0] & sets[2] | sets[1] & sets[2], set())
+    self.assertEqual(report['hash_leaks_from_train'], {'validation': 0, 'test': 0})
+    self.assertEqual(report['duplicate_groups'], 30)
+    self.assertEqual(report['conflicting_groups'], 10)
+
+  def test_dedup_is_stratified(self):
+    data = _arrays(np.repeat(np.arange(10), 20), [f'h{i}' for i in range(200)])
+    out, _ = splits.make_splits(data, protocol='dedup')
+    for name, expected in (('train', 14), ('validation', 3), ('test', 3)):
+      chex.assert_trees_all_equal(np.bincount(out[name]['label'], minlength=10),
+                                  np.full(10, expected))
+
+  def test_leaky_doubles_and_leaks(self):
+    data = _synthetic()
+    out, report = splits.make_splits(data, protocol='leaky')
+    self.assertEqual(sum(report['split_counts'].values()),
+                     2 * (len(data['age']) - report['above_max_age_excluded']))
+    self.assertGreater(report['hash_leaks_from_train']['test'], 0)
+
+  @parameterized.named_parameters(
+      ('protocol', {'protocol': 'kaggle'}, 'protocol must be one of'),
+      ('fractions', {'fractions': (0.5, 0.5)}, 'fractions must be'),
+  )
+  def test_bad_arguments_raise(self, kwargs, message):
+    with self.assertRaisesRegex(ValueError, message):
+      splits.make_splits(_synthetic(), **kwargs)
+
+
+class BalanceTest(parameterized.TestCase):
+
+  def _labelled(self):
+    labels = np.array([0] * 10 + [1] * 5 + [3] * 1, dtype=np.int32)
+    return {'label': labels, 'id': np.arange(len(labels))}
+
+  def test_undersample(self):
+    out = balance.undersample(self._labelled(), label=0, n_remove=4, seed=1)
+    chex.assert_trees_all_equal(np.bincount(out['label'], minlength=4), np.array([6, 5, 0, 1]))
+    self.assertTrue(np.all(np.diff(out['id']) > 0))
+    again = balance.undersample(self._labelled(), label=0, n_remove=4, seed=1)
+    chex.assert_trees_all_equal(out, again)
+
+  def test_undersample_too_many_raises(self):
+    with self.assertRaisesRegex(ValueError, 'cannot remove 6 rows of label 1'):
+      balance.undersample(self._labelled(), label=1, n_remove=6, seed=0)
+
+  @parameterized.named_parameters(('cap3', 3, [3, 3, 0, 1]), ('cap0', 0, [0, 0, 0, 0]))
+  def test_cap_per_class(self, cap, expected):
+    out = balance.cap_per_class(self._labelled(), cap=cap, seed=0)
+    chex.assert_trees_all_equal(np.bincount(out['label'], minlength=4), np.array(expected))
+
+  def test_balanced_weights_match_sklearn_and_absent_are_zero(self):
+    from sklearn.utils.class_weight import compute_class_weight
+    labels = self._labelled()['label']
+    weights = balance.class_weights(labels, 5)
+    present = np.unique(labels)
+    expected = compute_class_weight('balanced', classes=present, y=labels)
+    chex.assert_trees_all_close(weights[present], expected.astype(np.float32), rtol=1e-6)
+    chex.assert_trees_all_equal(weights[[2, 4]], np.zeros(2, np.float32))
+    self.assertEqual(weights.dtype, np.float32)
+
+  @parameterized.named_parameters(
+      ('scheme', {'scheme': 'inverse'}, 'scheme must be one of'),
+      ('label_range', {'num_classes': 2}, 'labels must lie in 0..1'),
+  )
+  def test_class_weights_raise(self, kwargs, message):
+    args = {'num_classes': 5} | kwargs
+    with self.assertRaisesRegex(ValueError, message):
+      balance.class_weights(self._labelled()['label'], **args)
+
+  def test_uniform_weights(self):
+    chex.assert_trees_all_equal(balance.class_weights(np.array([0, 1]), 3, scheme='uniform'),
+                                np.ones(3, np.float32))
+
+
+if __name__ == '__main__':
+  absltest.main()
