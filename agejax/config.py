@@ -27,6 +27,7 @@ class ModelConfig:
   dense_units: tuple[int, ...] = model_lib.AGE_DENSE_UNITS
   conv_dropout: float = 0.25
   dense_dropout: float = 0.5
+  bn_momentum: float = 0.99
   conv_impl: str = 'auto'
   dtype: str = 'float32'
   image_size: int = 48
@@ -47,6 +48,7 @@ class ModelConfig:
         dense_units=self.dense_units,
         conv_dropout=self.conv_dropout,
         dense_dropout=self.dense_dropout,
+        bn_momentum=self.bn_momentum,
         frozen_bn=frozen_bn,
         conv_impl=self.conv_impl,
         dtype=_DTYPES[self.dtype],
@@ -121,7 +123,10 @@ class TrainConfig:
     select_metric: Validation metric that picks the best checkpoint.
     select_mode: 'max' or 'min' for ``select_metric``.
     epoch_mode: 'scan' runs an epoch as one compiled program, 'loop' calls a
-      jitted step per batch, 'auto' picks scan when the data fits on device.
+      jitted step per batch with a progress bar, 'auto' picks scan on
+      accelerators and loop on CPU.
+    history_metrics: Validation scores logged each epoch and kept in the
+      run's history (see `agejax.evaluate.summarize` for the names).
   """
 
   model: ModelConfig = ModelConfig()
@@ -138,6 +143,10 @@ class TrainConfig:
   select_metric: str = 'accuracy'
   select_mode: str = 'max'
   epoch_mode: str = 'auto'
+  history_metrics: tuple[str, ...] = (
+      'loss', 'accuracy', 'mae', 'mae_expected', 'cs@1', 'cs@2', 'cs@3',
+      'macro_f1', 'weighted_f1',
+  )
 
   def __post_init__(self):
     if not self.stages:

@@ -24,8 +24,7 @@ FER_DENSE_UNITS = (512, 256)
 AGE_DENSE_UNITS = (512, 512, 256)
 STUDY_CONV_FILTERS = ((32, 64), (128, 128), (128, 256))
 
-# Keras defaults, which the study's network used.
-_BN_MOMENTUM = 0.99
+# Keras' BatchNorm epsilon, which the study's network used.
 _BN_EPSILON = 1e-3
 
 
@@ -42,6 +41,8 @@ class CNN(nn.Module):
     frozen_bn: Paths (``'block1/bn1'``) of BatchNorm layers that run in
       inference mode even when training, as frozen BatchNorm layers do in
       Keras: they use, and never update, their running statistics.
+    bn_momentum: Decay of the BatchNorm running statistics. Keras' 0.99 needs
+      a few hundred steps to settle; short runs want about 0.9.
     conv_impl: Convolution implementation, see `agejax.conv`.
     dtype: Computation dtype (``jnp.bfloat16`` for mixed precision). Parameters
       and BatchNorm statistics are always float32.
@@ -53,6 +54,7 @@ class CNN(nn.Module):
   conv_dropout: float = 0.25
   dense_dropout: float = 0.5
   frozen_bn: tuple[str, ...] = ()
+  bn_momentum: float = 0.99
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
@@ -92,7 +94,7 @@ class CNN(nn.Module):
   def _batch_norm(self, name: str, train: bool) -> nn.BatchNorm:
     return nn.BatchNorm(
         use_running_average=not train or name in self.frozen_bn,
-        momentum=_BN_MOMENTUM,
+        momentum=self.bn_momentum,
         epsilon=_BN_EPSILON,
         dtype=self.dtype,
         param_dtype=jnp.float32,

@@ -30,13 +30,6 @@ from agejax import transfer
 
 Arrays = Mapping[str, np.ndarray]
 
-# Scores copied from the validation summary into each epoch's history line.
-_HISTORY_KEYS = (
-    'loss', 'accuracy', 'mae', 'mae_expected', 'cs@1', 'cs@2', 'cs@3',
-    'macro_f1', 'weighted_f1',
-)
-
-
 def config_dict(config: Any) -> dict[str, Any]:
   """A frozen config dataclass as JSON-compatible nested dicts and lists."""
   return _jsonable(dataclasses.asdict(config))
@@ -210,11 +203,11 @@ def train_and_evaluate(
         'stage': stage.name,
         'train_loss': float(sums['loss_sum'] / sums['count']),
         'train_accuracy': float(sums['correct'] / sums['count']),
-        **{f'val_{k}': val[k] for k in _HISTORY_KEYS},
+        **{f'val_{k}': val[k] for k in config.history_metrics},
         'seconds': round(time.time() - start, 2),
     }
     history.append(entry)
-    log(_format_entry(desc, entry))
+    log(_format_entry(desc, entry, config.history_metrics))
     writer.scalars(g + 1, {k: v for k, v in entry.items() if k != 'epoch'})
     if config.select_metric not in val:
       raise KeyError(
@@ -307,10 +300,9 @@ def _train_epoch_loop(
   return state, totals
 
 
-def _format_entry(desc: str, entry: Mapping[str, Any]) -> str:
+def _format_entry(desc: str, entry: Mapping[str, Any], names: tuple[str, ...]) -> str:
+  val = ' '.join(f'{k} {entry[f"val_{k}"]:.3f}' for k in names[:4])
   return (
       f'{desc}: train loss {entry["train_loss"]:.3f} acc'
-      f' {entry["train_accuracy"]:.3f} | val loss {entry["val_loss"]:.3f} acc'
-      f' {entry["val_accuracy"]:.3f} mae {entry["val_mae"]:.2f} cs@3'
-      f' {entry["val_cs@3"]:.3f} | {entry["seconds"]:.1f}s'
+      f' {entry["train_accuracy"]:.3f} | val {val} | {entry["seconds"]:.1f}s'
   )

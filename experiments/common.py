@@ -1,0 +1,237 @@
+"""Flags shared by the experiment programs, and the configs built from them.
+
+This is the only place where flags become `agejax.config` dataclasses; the
+library itself never reads flags. Each program imports this module, so every
+flag below exists in every program and one flagfile format serves them all.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+from absl import flags
+from absl import logging
+import numpy as np
+
+from agejax import ages
+from agejax import augment
+from agejax import config as config_lib
+from agejax import parallel
+from agejax import synthetic
+from agejax.data import balance
+from agejax.data import fer2013
+from agejax.data import splits as splits_lib
+from agejax.data import utk_face
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = os.environ.get('AGEJAX_DATA_DIR', str(REPO_ROOT.parent / 'shared' / 'data'))
+
+# Run.
+flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, results).')
+flags.DEFINE_integer('seed', 0, 'Seed of initialisation, shuffling, dropout, augmentation.')
+flags.DEFINE_string(
+    'coordinator_address', None,
+    'Multi-host runs: address of process 0 (TPU pods need none: set --multihost).',
+)
+flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first.')
+flags.DEFINE_bool('progress', True, 'Show a progress bar per epoch.')
+
+# Data.
+flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'real'], 'Synthetic faces or the real datasets.')
+flags.DEFINE_string('manual_dir', DEFAULT_DATA_DIR, 'Folder holding UTKFace.tar.gz / fer2013.zip (or extracted).')
+flags.DEFINE_string('tfds_data_dir', None, 'Where TFDS keeps prepared datasets (default ~/tensorflow_datasets).')
+flags.DEFINE_enum('protocol', 'dedup', ['dedup', 'paper', 'leaky'], 'UTKFace split protocol.')
+flags.DEFINE_integer('split_seed', 0, 'Seed of the UTKFace split.')
+flags.DEFINE_enum('labels', 'ages', ['ages', 'ranges11'], '100 age classes or the 11 study ranges.')
+flags.DEFINE_integer('undersample_age', None, "Age whose images are undersampled (the study's 26).")
+flags.DEFINE_integer('undersample_n', 0, 'How many images of --undersample_age to remove.')
+flags.DEFINE_integer('class_cap', None, 'Keep at most this many training images per class.')
+flags.DEFINE_bool('class_weights', False, "Weight the loss by sklearn's 'balanced' class weights.")
+flags.DEFINE_integer('synthetic_train', 2000, 'Synthetic training faces.')
+flags.DEFINE_integer('synthetic_eval', 500, 'Synthetic validation and test faces (each).')
+flags.DEFINE_integer('max_train_examples', None, 'Truncate the training split (smoke runs).')
+
+# Model.
+flags.DEFINE_list('dense_units', None, 'Hidden dense layers of the head (default: task preset).')
+flags.DEFINE_float('bn_momentum', 0.99, "BatchNorm running-statistics decay (Keras' 0.99).")
+flags.DEFINE_enum('conv_impl', 'auto', ['auto', 'lax', 'matmul'], 'Convolution implementation.')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtype.')
+
+# Training.
+flags.DEFINE_list(
+    'stages', None,
+    'Stages as name:epochs:learning_rate:freeze, freeze a preset of'
+    ' agejax.freezing.PRESETS or regexes joined by "|".',
+)
+flags.DEFINE_enum(
+    'schedule', 'paper', ['paper', 'short'],
+    "'paper' runs each stage's epochs as given; 'short' (CPU runs) runs a"
+    ' tenth of them, at least one per stage.',
+)
+flags.DEFINE_integer('batch_size', 64, 'Global training batch size.')
+flags.DEFINE_integer('eval_batch_size', 256, 'Global evaluation batch size.')
+flags.DEFINE_float('label_smoothing', 0.0, 'Label smoothing.')
+flags.DEFINE_bool('augment', False, "The study's augmentation (flip, +-10 deg, +-10% shift and zoom).")
+flags.DEFINE_enum('epoch_mode', 'auto', ['auto', 'scan', 'loop'], 'One compiled program per epoch, or a step loop.')
+flags.DEFINE_string('select_metric', 'accuracy', 'Validation score that picks the best checkpoint.')
+flags.DEFINE_enum('select_mode', 'max', ['max', 'min'], 'Whether --select_metric is better high or low.')
+flags.DEFINE_string('init_from', None, 'Run directory of a FER (or other) checkpoint to transfer from.')
+flags.DEFINE_list('dont_load', [], 'Parameter-path regexes not copied on transfer.')
+
+FLAGS = flags.FLAGS
+
+
+
+def parse_stages(specs: list[str], schedule: str = 'paper') -> tuple[config_lib.StageConfig, ...]:
+  """Parses ``name:epochs:lr:freeze`` strings (see --stages, --schedule)."""
+  stages = []
+  for spec in specs:
+    parts = spec.split(':')
+    if len(parts) != 4:
+      raise flags.ValidationError(
+          f'--stages entry {spec!r} is not name:epochs:learning_rate:freeze.'
+      )
+    name, epochs, lr, freeze = parts
+    patterns = freeze.split('|')
+    stages.append(
+        config_lib.StageConfig(
+            name=name,
+            epochs=int(epochs) if schedule == 'paper' else max(1, int(epochs) // 10),
+            learning_rate=float(lr),
+            freeze=freeze if len(patterns) == 1 and '/' not in freeze else tuple(patterns),
+        )
+    )
+  return tuple(stages)
+
+
+_FER_HISTORY = ('loss', 'accuracy', 'macro_f1', 'weighted_f1')
+
+
+def train_config(task: str, *, num_classes: int, class_weights: np.ndarray | None = None) -> config_lib.TrainConfig:
+  """The `TrainConfig` the flags describe, for ``task`` 'fer' or 'age'."""
+  if not FLAGS.stages:
+    raise flags.ValidationError('--stages is required (see --helpfull).')
+  preset = config_lib.fer_model_config() if task == 'fer' else config_lib.ModelConfig()
+  dense = tuple(int(u) for u in FLAGS.dense_units) if FLAGS.dense_units else preset.dense_units
+  model = config_lib.ModelConfig(
+      num_classes=num_classes,
+      dense_units=dense,
+      bn_momentum=FLAGS.bn_momentum,
+      conv_impl=FLAGS.conv_impl,
+      dtype=FLAGS.dtype,
+  )
+  class_values = None
+  if task == 'age' and FLAGS.labels == 'ranges11':
+    class_values = tuple(float(v) for v in np.asarray(ages.range_midpoints()))
+  step = config_lib.StepConfig(
+      label_smoothing=FLAGS.label_smoothing,
+      class_weights=None if class_weights is None else tuple(float(w) for w in class_weights),
+      augment=augment.AugmentConfig.study() if FLAGS.augment else augment.AugmentConfig(),
+      class_values=class_values,
+  )
+  return config_lib.TrainConfig(
+      model=model,
+      stages=parse_stages(FLAGS.stages, FLAGS.schedule),
+      step=step,
+      batch_size=FLAGS.batch_size,
+      eval_batch_size=FLAGS.eval_batch_size,
+      seed=FLAGS.seed,
+      init_from=FLAGS.init_from,
+      dont_load=tuple(FLAGS.dont_load),
+      select_metric=FLAGS.select_metric,
+      select_mode=FLAGS.select_mode,
+      epoch_mode=FLAGS.epoch_mode,
+      history_metrics=_FER_HISTORY if task == 'fer' else config_lib.TrainConfig.history_metrics,
+  )
+
+
+def _truncate(splits: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+  if FLAGS.max_train_examples:
+    n = FLAGS.max_train_examples
+    splits = {**splits, 'train': {k: v[:n] for k, v in splits['train'].items()}}
+  return splits
+
+
+def fer_data() -> dict[str, dict[str, np.ndarray]]:
+  """FER splits (train / validation / test) as the flags select."""
+  if FLAGS.data == 'synthetic':
+    splits = synthetic.make_fer_splits(
+        FLAGS.split_seed, FLAGS.synthetic_train, FLAGS.synthetic_eval, FLAGS.synthetic_eval
+    )
+  else:
+    splits = fer2013.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
+  return _truncate(splits)
+
+
+def age_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+  """Age splits as the flags select, with labels, balancing and a report."""
+  report: dict[str, Any] = {'data': FLAGS.data}
+  if FLAGS.data == 'synthetic':
+    splits = synthetic.make_age_splits(
+        FLAGS.split_seed, FLAGS.synthetic_train, FLAGS.synthetic_eval, FLAGS.synthetic_eval
+    )
+  else:
+    arrays, load_report = utk_face.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
+    splits, split_report = splits_lib.make_splits(
+        arrays, protocol=FLAGS.protocol, seed=FLAGS.split_seed
+    )
+    report.update(load=load_report, split=split_report)
+  if FLAGS.labels == 'ranges11':
+    splits = {
+        name: {**s, 'label': np.asarray(ages.age_to_range(s['age']))}
+        for name, s in splits.items()
+    }
+  splits = _balance(splits, report)
+  return _truncate(splits), report
+
+
+def _balance(splits: dict[str, dict[str, np.ndarray]], report: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+  """Undersampling and capping, on the training split only."""
+  train = splits['train']
+  before = len(train['label'])
+  if FLAGS.undersample_age is not None and FLAGS.undersample_n:
+    label = FLAGS.undersample_age
+    if FLAGS.labels == 'ranges11':
+      label = int(ages.age_to_range(np.asarray([label]))[0])
+    train = balance.undersample(train, label=label, n_remove=FLAGS.undersample_n, seed=FLAGS.split_seed)
+  if FLAGS.class_cap:
+    train = balance.cap_per_class(train, cap=FLAGS.class_cap, seed=FLAGS.split_seed)
+  report['train_before_balancing'] = before
+  report['train_after_balancing'] = len(train['label'])
+  return {**splits, 'train': train}
+
+
+def num_age_classes() -> int:
+  return ages.NUM_RANGES if FLAGS.labels == 'ranges11' else ages.NUM_AGE_CLASSES
+
+
+def setup() -> None:
+  """Quiets logging and joins a multi-host run when the flags ask for it.
+
+  Orbax logs every save and restore at INFO, which absl turns on by default;
+  we keep the console to progress lines unless --verbosity is given.
+  """
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  if FLAGS.multihost or FLAGS.coordinator_address:
+    parallel.initialize_distributed(FLAGS.coordinator_address)
+
+
+HEADLINE = (
+    'accuracy', 'cs@1', 'cs@2', 'cs@3', 'mae', 'mae_expected',
+    'weighted_precision', 'weighted_recall', 'weighted_f1',
+    'macro_precision', 'macro_recall', 'macro_f1',
+    'tol3_weighted_f1', 'tol3_macro_f1', 'tol3_mae',
+)
+
+
+def format_results(results: dict[str, Any], keys: tuple[str, ...] = HEADLINE) -> str:
+  """A small table of the best checkpoint's scores on validation and test."""
+  splits = [s for s in ('validation', 'test') if s in results]
+  lines = [f'best epoch {results["best_epoch"]}', f'{"metric":<20}' + ''.join(f'{s:>12}' for s in splits)]
+  for key in keys:
+    if all(key in results[s] for s in splits):
+      lines.append(f'{key:<20}' + ''.join(f'{results[s][key]:>12.4f}' for s in splits))
+  return '\n'.join(lines)

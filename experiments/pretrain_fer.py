@@ -1,0 +1,31 @@
+"""Pretrains the study's emotion CNN on FER2013 (or synthetic faces).
+
+  python -m experiments.pretrain_fer --flagfile=experiments/configs/quickstart/fer.cfg
+
+The best checkpoint (by PublicTest accuracy) in ``--workdir`` is what
+``experiments.finetune --init_from`` transfers from.
+"""
+
+from absl import app
+from absl import flags
+
+from agejax import train
+from experiments import common
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  common.setup()
+  config = common.train_config('fer', num_classes=7)
+  results = train.train_and_evaluate(
+      config, common.fer_data(), FLAGS.workdir, show_progress=FLAGS.progress
+  )
+  print(common.format_results(results, keys=('accuracy', 'macro_f1', 'weighted_f1', 'loss')))
+
+
+if __name__ == '__main__':
+  flags.mark_flag_as_required('workdir')
+  app.run(main)
