@@ -178,24 +178,23 @@ def age_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
         arrays, protocol=FLAGS.protocol, seed=FLAGS.split_seed
     )
     report.update(load=load_report, split=split_report)
+  splits = _balance(splits, report)
   if FLAGS.labels == 'ranges11':
     splits = {
         name: {**s, 'label': np.asarray(ages.age_to_range(s['age']))}
         for name, s in splits.items()
     }
-  splits = _balance(splits, report)
   return _truncate(splits), report
 
 
 def _balance(splits: dict[str, dict[str, np.ndarray]], report: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
-  """Undersampling and capping, on the training split only."""
+  """Undersampling and capping of age classes, on the training split only."""
   train = splits['train']
   before = len(train['label'])
   if FLAGS.undersample_age is not None and FLAGS.undersample_n:
-    label = FLAGS.undersample_age
-    if FLAGS.labels == 'ranges11':
-      label = int(ages.age_to_range(np.asarray([label]))[0])
-    train = balance.undersample(train, label=label, n_remove=FLAGS.undersample_n, seed=FLAGS.split_seed)
+    train = balance.undersample(
+        train, label=FLAGS.undersample_age, n_remove=FLAGS.undersample_n, seed=FLAGS.split_seed
+    )
   if FLAGS.class_cap:
     train = balance.cap_per_class(train, cap=FLAGS.class_cap, seed=FLAGS.split_seed)
   report['train_before_balancing'] = before

@@ -1,0 +1,173 @@
+"""End-to-end tests of `agejax.train.train_and_evaluate` on synthetic faces."""
+
+import json
+import pathlib
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import numpy as np
+
+from agejax import checkpoints
+from agejax import config
+from agejax import synthetic
+from agejax import train
+
+_SMALL = config.ModelConfig(
+    num_classes=100,
+    conv_filters=((4, 4), (8, 8), (8, 8)),
+    dense_units=(16, 16),
+    bn_momentum=0.9,
+)
+
+
+def _config(**overrides):
+  return config.TrainConfig(
+      **{
+          'model': _SMALL,
+          'stages': (
+              config.StageConfig('s1', 2, 1e-3, freeze='paper'),
+              config.StageConfig('s2', 1, 1e-4, freeze='none'),
+          ),
+          'batch_size': 32,
+          'eval_batch_size': 48,
+          'epoch_mode': 'loop',
+          **overrides,
+      }
+  )
+
+
+def _data():
+  return synthetic.make_age_splits(seed=3, n_train=128, n_val=40, n_test=40)
+
+
+class _Killed(Exception):
+  pass
+
+
+def _without_timing(results):
+  results = dict(results)
+  results['history'] = [
+      {k: v for k, v in h.items() if k != 'seconds'} for h in results['history']
+  ]
+  return results
+
+
+class TrainAndEvaluateTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('in_first_stage', 1),
+      ('at_stage_boundary', 2),
+      ('in_last_epoch', 3),
+  )
+  def test_kill_and_resume_gives_identical_final_metrics(self, kill_at_epoch):
+    data = _data()
+    with tempfile.TemporaryDirectory() as tmp:
+      straight = train.train_and_evaluate(
+          _config(), data, f'{tmp}/straight', log=lambda _: None,
+          show_progress=False,
+      )
+
+      def killer(line):
+        if line.startswith(f'{"s1" if kill_at_epoch <= 2 else "s2"} epoch'):
+          epoch = int(line.split('epoch ')[1].split('/')[0])
+          absolute = epoch if line.startswith('s1') else 2 + epoch
+          if absolute == kill_at_epoch:
+            raise _Killed()
+
+      with self.assertRaises(_Killed):
+        train.train_and_evaluate(
+            _config(), data, f'{tmp}/resumed', log=killer, show_progress=False
+        )
+      lines = []
+      resumed = train.train_and_evaluate(
+          _config(), data, f'{tmp}/resumed', log=lines.append,
+          show_progress=False,
+      )
+      self.assertTrue(any(l.startswith('Resuming') for l in lines) or kill_at_epoch == 1)
+      self.assertEqual(
+          json.dumps(_without_timing(straight), sort_keys=True),
+          json.dumps(_without_timing(resumed), sort_keys=True),
+      )
+      history = [
+          json.loads(l)
+          for l in pathlib.Path(f'{tmp}/resumed/metrics.jsonl').read_text().splitlines()
+      ]
+      self.assertEqual([h['epoch'] for h in history], [1, 2, 3])
+
+  def test_scan_and_loop_epochs_train_identically(self):
+    data = _data()
+    with tempfile.TemporaryDirectory() as tmp:
+      results = {
+          mode: train.train_and_evaluate(
+              _config(epoch_mode=mode), data, f'{tmp}/{mode}',
+              log=lambda _: None, show_progress=False,
+          )
+          for mode in ('loop', 'scan')
+      }
+    for key in ('loss', 'accuracy', 'mae', 'mae_expected'):
+      np.testing.assert_allclose(
+          results['scan']['test'][key], results['loop']['test'][key],
+          rtol=1e-4, atol=1e-5,
+      )
+
+  def test_writes_run_files_and_restarting_a_finished_run_reevaluates(self):
+    data = _data()
+    with tempfile.TemporaryDirectory() as tmp:
+      first = train.train_and_evaluate(
+          _config(), data, tmp, log=lambda _: None, show_progress=False
+      )
+      for name in ('config.json', 'metrics.jsonl', 'results.json'):
+        self.assertTrue((pathlib.Path(tmp) / name).exists(), name)
+      self.assertTrue(list((pathlib.Path(tmp) / 'tensorboard').iterdir()))
+      again = train.train_and_evaluate(
+          _config(), data, tmp, log=lambda _: None, show_progress=False
+      )
+    self.assertEqual(first['test']['accuracy'], again['test']['accuracy'])
+    chex.assert_equal(len(first['test']['confusion']), 100)
+
+  def test_resuming_with_a_different_config_raises(self):
+    data = _data()
+    with tempfile.TemporaryDirectory() as tmp:
+      train.train_and_evaluate(
+          _config(), data, tmp, log=lambda _: None, show_progress=False
+      )
+      with self.assertRaisesRegex(checkpoints.CheckpointError, 'different config'):
+        train.train_and_evaluate(
+            _config(seed=1), data, tmp, log=lambda _: None, show_progress=False
+        )
+
+  def test_transfer_from_a_checkpoint_reports_and_trains(self):
+    fer_model = config.ModelConfig(
+        num_classes=7, conv_filters=_SMALL.conv_filters, dense_units=(16,),
+        bn_momentum=0.9,
+    )
+    fer = synthetic.make_fer_splits(seed=1, n_train=64, n_val=32, n_test=32)
+    with tempfile.TemporaryDirectory() as tmp:
+      train.train_and_evaluate(
+          _config(model=fer_model, stages=(config.StageConfig('fer', 1, 1e-3),)),
+          fer, f'{tmp}/fer', log=lambda _: None, show_progress=False,
+      )
+      lines = []
+      results = train.train_and_evaluate(
+          _config(init_from=f'{tmp}/fer'), _data(), f'{tmp}/age',
+          log=lines.append, show_progress=False,
+      )
+    loaded = set(results['transfer']['loaded'])
+    self.assertIn('params/block1/conv1/kernel', loaded)
+    self.assertIn('params/head/dense1/kernel', loaded)
+    self.assertNotIn('params/logits/kernel', loaded)
+    self.assertIn('re-initialised (not in checkpoint): params/head/dense2/kernel', '\n'.join(lines))
+
+  def test_unknown_select_metric_raises(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      with self.assertRaisesRegex(KeyError, 'select_metric'):
+        train.train_and_evaluate(
+            _config(select_metric='nope'), _data(), tmp, log=lambda _: None,
+            show_progress=False,
+        )
+
+
+if __name__ == '__main__':
+  absltest.main()
