@@ -21,6 +21,7 @@ import pathlib
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 LATEST = 'latest'
@@ -112,7 +113,23 @@ def _restore(
         f' into: {e}. Use a checkpoint written with the same model config, or'
         ' a fresh run directory.'
     ) from e
-  return restored[item]
+  restored = restored[item]
+  wrong = [
+      f'{jax.tree_util.keystr(path)}: {np.shape(got)} {np.result_type(got)}'
+      f' in checkpoint, {want.shape} {want.dtype} expected'
+      for (path, got), want in zip(
+          jax.tree_util.tree_leaves_with_path(restored),
+          jax.tree_util.tree_leaves(abstract),
+      )
+      if np.shape(got) != tuple(want.shape) or np.result_type(got) != want.dtype
+  ]
+  if wrong:
+    raise CheckpointError(
+        f'Checkpoint {where}/{step} does not fit the model being restored'
+        f' into: {"; ".join(wrong[:5])}. Use a checkpoint written with the same'
+        ' model config, or a fresh run directory.'
+    )
+  return restored
 
 
 def best_dir(path: str | pathlib.Path) -> pathlib.Path:
@@ -120,7 +137,7 @@ def best_dir(path: str | pathlib.Path) -> pathlib.Path:
   path = pathlib.Path(path)
   for candidate in (path / 'checkpoints' / BEST, path / BEST, path):
     if candidate.is_dir() and any(
-        p.name.isdigit() for p in candidate.iterdir()
+        p.name.isdigit() and (p / 'meta').is_dir() for p in candidate.iterdir()
     ):
       return candidate
   raise CheckpointError(
@@ -167,5 +184,10 @@ def load_variables(
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
   """`jax.ShapeDtypeStruct`s of ``tree``, placed with ``sharding`` if given."""
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+      # jnp.shape/result_type also accept Python scalars, e.g. the int step of
+      # a fresh `TrainState.create`.
+      lambda x: jax.ShapeDtypeStruct(
+          jax.numpy.shape(x), jax.numpy.result_type(x), sharding=sharding
+      ),
+      tree,
   )
