@@ -171,3 +171,25 @@ class TrainAndEvaluateTest(parameterized.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+class MixedPrecisionTest(parameterized.TestCase):
+
+  def test_bfloat16_trains_like_float32(self):
+    fer = synthetic.make_fer_splits(seed=2, n_train=256, n_val=64, n_test=64)
+    losses = {}
+    with tempfile.TemporaryDirectory() as tmp:
+      for dtype in ('float32', 'bfloat16'):
+        model = config.ModelConfig(
+            num_classes=7, conv_filters=((8, 8), (16, 16), (16, 16)),
+            dense_units=(32,), bn_momentum=0.9, conv_dropout=0.0,
+            dense_dropout=0.0, dtype=dtype,
+        )
+        results = train.train_and_evaluate(
+            _config(model=model, stages=(config.StageConfig('s', 4, 3e-3),)),
+            fer, f'{tmp}/{dtype}', log=lambda _: None, show_progress=False,
+        )
+        losses[dtype] = [h['train_loss'] for h in results['history']]
+    for dtype, curve in losses.items():
+      self.assertLess(curve[-1], 0.9 * curve[0], f'{dtype} did not learn: {curve}')
+    np.testing.assert_allclose(losses['bfloat16'], losses['float32'], rtol=0.1)
