@@ -10,6 +10,7 @@ epoch and the step, and the whole train state is checkpointed each epoch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from typing import Any, Callable, Mapping
@@ -53,7 +54,8 @@ def abstract_variables(model_config: config_lib.ModelConfig) -> Any:
 
 
 def initial_variables(
-    config: config_lib.TrainConfig, log: Callable[[str], None] = print
+    config: config_lib.TrainConfig,
+    log: Callable[[str], None] = functools.partial(print, flush=True),
 ) -> tuple[dict[str, Any], transfer.TransferReport | None]:
   """Random initialisation, then transfer from ``config.init_from`` if set."""
   init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
@@ -93,7 +95,7 @@ def train_and_evaluate(
     workdir: str | pathlib.Path,
     *,
     mesh: jax.sharding.Mesh | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = functools.partial(print, flush=True),
     show_progress: bool = True,
 ) -> dict[str, Any]:
   """Trains through every stage of ``config``, then evaluates the best epoch.

@@ -1,0 +1,245 @@
+"""Tests of `experiments.report` on small fabricated run directories."""
+
+import json
+import pathlib
+import re
+import tempfile
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+from agejax import ages
+from experiments import report
+
+_CS_KS = range(11)
+
+
+def _scores(num_classes: int, accuracy: float, seed: int) -> dict:
+  """Every score `agejax.evaluate` writes for one split, with easily recognised values."""
+  rng = np.random.default_rng(seed)
+  confusion = rng.integers(0, 3, (num_classes, num_classes)) + 5 * np.eye(num_classes, dtype=int)
+  support = confusion.sum(axis=1)
+  f1 = np.linspace(0.0, 0.9, num_classes)
+  scores = {
+      'accuracy': accuracy,
+      **{f'cs@{k}': min(1.0, accuracy + 0.01 * k) for k in _CS_KS},
+      'mae': 3.25 + accuracy,
+      'mae_expected': 3.5,
+      'mae_median': 3.4,
+      'loss': 1.5,
+      'count': float(support.sum()),
+      'weighted_precision': 0.1234,
+      'weighted_recall': 0.2347,
+      'weighted_f1': 0.3456,
+      'macro_precision': 0.4567,
+      'macro_recall': 0.5678,
+      'macro_f1': 0.6789,
+      'tol3_weighted_f1': 0.7891,
+      'per_class': {
+          'precision': f1.tolist(),
+          'recall': f1.tolist(),
+          'f1': [float('nan')] + f1[1:].tolist(),
+          'support': support.astype(float).tolist(),
+      },
+      'confusion': confusion.tolist(),
+  }
+  return scores
+
+
+def _results(num_classes: int, accuracy: float, seed: int = 0) -> dict:
+  history = [
+      {'epoch': e, 'stage': 'stage1', 'train_loss': 2.0 / e, 'val_loss': 2.5 / e,
+       'train_accuracy': 0.1 * e, 'val_accuracy': 0.08 * e, 'seconds': 60.0}
+      for e in (1, 2)
+  ]
+  return {
+      'best_epoch': 2,
+      'history': history,
+      'transfer': None,
+      'validation': _scores(num_classes, accuracy - 0.01, seed),
+      'test': _scores(num_classes, accuracy, seed + 1),
+  }
+
+
+def _write_run(root: pathlib.Path, key: str, results: dict, leaks: dict | None = None) -> None:
+  path = root / key
+  path.mkdir(parents=True)
+  (path / 'results.json').write_text(json.dumps(results))
+  (path / 'config.json').write_text(json.dumps({'stages': [{'name': 'stage1', 'epochs': 2}]}))
+  data_report = {'data': 'real'}
+  if leaks is not None:
+    data_report['split'] = {
+        'hash_leaks_from_train': leaks,
+        'split_counts': {'train': 700, 'validation': 150, 'test': 200},
+    }
+  (path / 'data_report.json').write_text(json.dumps(data_report))
+
+
+def _fake_study(root: pathlib.Path) -> None:
+  fer = _results(7, 0.6)
+  fer['validation']['accuracy'] = 0.6512
+  _write_run(root, 'fer', fer)
+  _write_run(root, 'dedup/fc1', _results(100, 0.4321), {'validation': 0, 'test': 0})
+  _write_run(root, 'dedup/scratch', _results(100, 0.30, seed=5), {'validation': 0, 'test': 0})
+  _write_run(root, 'dedup/ranges11', _results(ages.NUM_RANGES, 0.55))
+  _write_run(root, 'leaky/fc1', _results(100, 0.80, seed=7), {'validation': 12, 'test': 34})
+  (root / 'paper' / 'fc1').mkdir(parents=True)  # started, not finished
+
+
+class ReportTest(parameterized.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls._tmp = tempfile.TemporaryDirectory()
+    root = pathlib.Path(cls._tmp.name)
+    _fake_study(root / 'runs')
+    cls.out = root / 'docs'
+    cls.study = report.load_study(root / 'runs')
+    cls.options = report.Options(hardware_note='test box', figures=('fc1', 'ranges11'))
+    cls.md_path = report.write_report(cls.study, cls.out, cls.options)
+    cls.md = cls.md_path.read_text()
+
+  @classmethod
+  def tearDownClass(cls):
+    cls._tmp.cleanup()
+    super().tearDownClass()
+
+  def test_finds_finished_and_unfinished_runs(self):
+    self.assertCountEqual(
+        self.study.runs, ['fer', 'dedup/fc1', 'dedup/scratch', 'dedup/ranges11', 'leaky/fc1']
+    )
+    self.assertEqual(self.study.unfinished, {'paper/fc1'})
+
+  @parameterized.named_parameters(
+      ('fc1_row', '| fc1 | 43.21 | 44.21 | 45.21 | 46.21 | 3.68 | 3.50 | 0.123 | 0.235 | 0.346 | 0.457 | 0.568 | 0.679 | 0.789 |'),
+      ('study_row', '| **study** (100 ages) | 57.00 | 64.38 | 71.06 | 76.97 | 2.09–2.65 |'),
+      ('study_ranges', '| **study** (11 ranges) | 60.76 |'),
+      ('fer', '| agejax FER checkpoint | 65.12 | 60.00 | 2 |'),
+      ('transfer', '| dedup | +13.21 points | +13.21 points | +0.13 years |'),
+      ('leaky_row', '| leaky | 80.00 | 83.00 | 4.05 | 0.679 | 12 | 34 of 200 | 17.00 |'),
+      ('missing_run', '| fc2 | not run |'),
+      ('unfinished_run', '| paper | not run (unfinished) |'),
+      ('per_class_nan_first', '| 0–9 | – ('),
+      ('range_row', '| 65+ | 0.900 | 0.900 | 0.900 |'),
+      ('hardware', '- Hardware: test box'),
+      ('discussion', '<!-- discussion -->'),
+      ('draft', 'changes test accuracy by +13.21 points'),
+      ('command', '`python -m experiments.finetune --flagfile=experiments/configs/study/fc1.cfg'
+                  ' --protocol=dedup --workdir=runs/study/dedup/fc1 --schedule=short --noprogress`'),
+  )
+  def test_markdown_contains(self, expected):
+    self.assertIn(expected, self.md)
+
+  def test_paper_table_has_no_numbers_of_its_own(self):
+    paper = self.md.split('## Test scores, `paper` protocol')[1].split('## ')[0]
+    rows = [line for line in paper.splitlines() if line.startswith('| ') and 'study' not in line]
+    self.assertLen(rows, 1 + 8)  # header + every experiment
+    for row in rows[1:]:
+      self.assertIn('not run', row)
+
+  def test_figures_only_for_selected_experiments_and_small(self):
+    pngs = sorted(p.name for p in (self.out / 'figures').iterdir())
+    expected = sorted(
+        f'{run}_{kind}.png'
+        for run in ('dedup_fc1', 'dedup_ranges11', 'leaky_fc1')
+        for kind in report.FIGURE_KINDS
+    )
+    self.assertEqual(pngs, expected)
+    for name in pngs:
+      data = (self.out / 'figures' / name).read_bytes()
+      self.assertTrue(data.startswith(b'\x89PNG'), name)
+      self.assertLess(len(data), 100_000, name)
+    self.assertIn('](figures/dedup_fc1_confusion.png)', self.md)
+
+  def test_results_json_has_scores_without_confusion(self):
+    saved = json.loads((self.out / 'results' / 'dedup_fc1.json').read_text())
+    self.assertEqual(saved['best_epoch'], 2)
+    self.assertEqual(saved['test']['accuracy'], 0.4321)
+    self.assertNotIn('confusion', saved['test'])
+    self.assertNotIn('confusion', saved['validation'])
+    self.assertLen(saved['test']['per_class']['support'], 100)
+    self.assertTrue((self.out / 'results' / 'fer.json').exists())
+
+  def test_run_command_follows_run_study(self):
+    options = report.Options(schedule='paper', extra_flags=('--conv_impl=lax',))
+    self.assertEqual(
+        report.run_command('leaky', 'fc1', options),
+        'python -m experiments.finetune --flagfile=experiments/configs/study/fc1.cfg'
+        ' --protocol=leaky --workdir=runs/study/leaky/fc1 --schedule=paper --noprogress'
+        ' --conv_impl=lax',
+    )
+
+  @parameterized.parameters(
+      (0.57, 'pct', '57.00'),
+      (2.094, 'years', '2.09'),
+      (0.5556, 'ratio', '0.556'),
+      (float('nan'), 'ratio', '–'),
+      (None, 'pct', ''),
+  )
+  def test_fmt(self, value, kind, expected):
+    self.assertEqual(report.fmt(value, kind), expected)
+
+
+class EmptyStudyTest(absltest.TestCase):
+
+  def test_no_runs_renders_not_run_everywhere(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      (pathlib.Path(tmp) / 'runs' / 'fer').mkdir(parents=True)
+      study = report.load_study(pathlib.Path(tmp) / 'runs')
+      md = report.write_report(study, pathlib.Path(tmp) / 'out', report.Options()).read_text()
+    self.assertIn('| agejax FER checkpoint | not run (unfinished) |', md)
+    # Two protocol tables of 8, transfer 2, leakage 3, commands 8 + 8 + 1 (every age run).
+    self.assertEqual(md.count('| not run |'), 2 * 8 + 2 + 3 + 17)
+    self.assertIn('- (no finished runs to discuss yet)', md)
+
+
+def _break_json(results: dict) -> str:
+  return json.dumps(results)[:-10]
+
+
+def _drop_test(results: dict) -> str:
+  del results['test']
+  return json.dumps(results)
+
+
+def _drop_cs3(results: dict) -> str:
+  del results['validation']['cs@3']
+  return json.dumps(results)
+
+
+def _shrink_confusion(results: dict) -> str:
+  results['test']['confusion'] = results['test']['confusion'][:5]
+  return json.dumps(results)
+
+
+class MalformedRunTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('invalid_json', _break_json, 'not valid JSON'),
+      ('no_test', _drop_test, "lacks ['test']"),
+      ('no_metric', _drop_cs3, "'validation' lacks ['cs@3']"),
+      ('confusion_shape', _shrink_confusion, 'is not 11 x 11'),
+  )
+  def test_error_names_file(self, corrupt, message):
+    with tempfile.TemporaryDirectory() as tmp:
+      run = pathlib.Path(tmp) / 'dedup' / 'fc1'
+      _write_run(pathlib.Path(tmp), 'dedup/fc1', _results(ages.NUM_RANGES, 0.5))
+      (run / 'results.json').write_text(corrupt(_results(ages.NUM_RANGES, 0.5)))
+      with self.assertRaisesRegex(report.ReportError, re.escape(message)) as ctx:
+        report.load_study(tmp)
+      self.assertIn(str(run / 'results.json'), str(ctx.exception))
+
+  def test_malformed_config_names_file(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      _write_run(pathlib.Path(tmp), 'paper/scratch', _results(ages.NUM_RANGES, 0.5))
+      config = pathlib.Path(tmp) / 'paper' / 'scratch' / 'config.json'
+      config.write_text('{')
+      with self.assertRaisesRegex(report.ReportError, 'not valid JSON') as ctx:
+        report.load_study(tmp)
+      self.assertIn(str(config), str(ctx.exception))
+
+
+if __name__ == '__main__':
+  absltest.main()
