@@ -19,7 +19,8 @@ import numpy as np
 import optax
 from absl.testing import absltest, parameterized
 
-from agejax import checkpoints, config, freezing, steps
+from agejax import checkpoints, config, steps
+from tests import fakes
 
 SMALL = config.ModelConfig(
     num_classes=5,
@@ -32,33 +33,8 @@ SMALL = config.ModelConfig(
 PAPER = config.StageConfig('stage1', 1, 1e-2, 'paper')
 
 
-def abstract_variables(model_config):
-  return jax.eval_shape(
-      lambda: steps.init_variables(
-          jax.random.key(0), model_config.build(), model_config.input_shape
-      )
-  )
-
-
-def fake_variables(model_config=SMALL, seed=0):
-  rng = np.random.default_rng(seed)
-
-  def one(path, s):
-    name = freezing.path_str(path).rsplit('/', 1)[-1]
-    if name == 'kernel':
-      scale = 1 / np.sqrt(np.prod(s.shape[:-1]))
-      return jnp.asarray(rng.normal(0, scale, s.shape), jnp.float32)
-    if name in ('scale', 'var'):
-      return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), jnp.float32)
-    return jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(
-      one, abstract_variables(model_config)
-  )
-
-
-def copy(tree):
-  return jax.tree.map(jnp.copy, tree)
+def fake_variables(seed=0):
+  return fakes.fake_variables(SMALL, seed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +59,7 @@ def train(state, first, last):
 
 @functools.lru_cache(maxsize=None)
 def _trained_state():
-  return train(copy(_initial_state()), 0, 2)
+  return train(fakes.copy(_initial_state()), 0, 2)
 
 
 def state_tree(state):
@@ -201,7 +177,7 @@ class LatestTest(TempDirTest):
 
 def _other_classes(saved):
   other = dataclasses.replace(SMALL, num_classes=6)
-  return {**saved, **abstract_variables(other)}
+  return {**saved, **fakes.abstract_variables(other)}
 
 
 def _no_opt_state(saved):
@@ -248,7 +224,9 @@ class MismatchTest(TempDirTest):
     with self.assertRaisesRegex(
         checkpoints.CheckpointError, 'does not fit the model'
     ):
-      checkpoints.load_variables(self.root, lambda _: abstract_variables(other))
+      checkpoints.load_variables(
+          self.root, lambda _: fakes.abstract_variables(other)
+      )
 
 
 def _model_json(model_config):
@@ -279,7 +257,7 @@ class BestTest(TempDirTest):
 
     def abstract_fn(m):
       seen.append(m)
-      return abstract_variables(config.model_config_from_dict(m['model']))
+      return fakes.abstract_variables(config.model_config_from_dict(m['model']))
 
     path = self.root / load_from
     self.assertEqual(
@@ -305,7 +283,7 @@ class BestTest(TempDirTest):
     for call in (
         lambda: checkpoints.best_dir(path),
         lambda: checkpoints.load_meta(path),
-        lambda: checkpoints.load_variables(path, abstract_variables),
+        lambda: checkpoints.load_variables(path, fakes.abstract_variables),
     ):
       with self.assertRaises(checkpoints.CheckpointError) as cm:
         call()
@@ -324,16 +302,16 @@ class ResumeTest(TempDirTest):
   @parameterized.named_parameters(('after_1', 1), ('after_3', 3))
   def test_resume_equals_straight_through(self, k):
     n = 4
-    straight = train(copy(_initial_state()), 0, n)
+    straight = train(fakes.copy(_initial_state()), 0, n)
 
-    partial = train(copy(_initial_state()), 0, k)
+    partial = train(fakes.copy(_initial_state()), 0, k)
     ckpts = self.run_checkpoints(self.root)
     ckpts.save_latest(k, state_tree(partial), {'epoch': k})
     ckpts.wait()
     ckpts.close()
 
     # As `agejax.train` resumes: a fresh template from other variables.
-    template = copy(_fresh_template())
+    template = fakes.copy(_fresh_template())
     resumed_ckpts = self.run_checkpoints(self.root)
     self.assertEqual(resumed_ckpts.latest_progress(), {'epoch': k})
     restored = resumed_ckpts.restore_latest(

@@ -15,40 +15,10 @@ import optax
 from absl.testing import absltest, parameterized
 
 from agejax import config, freezing, steps
+from tests import fakes
 
-SMALL = config.ModelConfig(
-    num_classes=5,
-    conv_filters=((4, 4), (8, 8), (8, 8)),
-    dense_units=(16, 16),
-    image_size=48,
-    conv_dropout=0.0,
-    dense_dropout=0.0,
-)
+SMALL = fakes.SMALL
 _BATCH = 8
-
-
-@functools.lru_cache(maxsize=None)
-def _abstract():
-  return jax.eval_shape(
-      lambda: steps.init_variables(
-          jax.random.key(0), SMALL.build(), SMALL.input_shape
-      )
-  )
-
-
-def fake_variables(seed=0):
-  rng = np.random.default_rng(seed)
-
-  def one(path, s):
-    name = freezing.path_str(path).rsplit('/', 1)[-1]
-    if name == 'kernel':
-      scale = 1 / np.sqrt(np.prod(s.shape[:-1]))
-      return jnp.asarray(rng.normal(0, scale, s.shape), jnp.float32)
-    if name in ('scale', 'var'):
-      return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), jnp.float32)
-    return jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(one, _abstract())
 
 
 def batch(seed):
@@ -60,20 +30,15 @@ def batch(seed):
   }
 
 
-def copy(tree):
-  """A copy whose buffers survive the donation of the original."""
-  return jax.tree.map(jnp.copy, tree)
-
-
 @functools.lru_cache(maxsize=None)
 def _adam_state(spec, learning_rate=1e-2):
   # Cached so that tests share one `tx` object, hence one compiled step.
   stage = config.StageConfig('s', 1, learning_rate, spec)
-  return steps.create_train_state(SMALL, stage, fake_variables())
+  return steps.create_train_state(SMALL, stage, fakes.fake_variables())
 
 
 def adam_state(spec, learning_rate=1e-2):
-  return copy(_adam_state(spec, learning_rate))
+  return fakes.copy(_adam_state(spec, learning_rate))
 
 
 def train(state, n, first=0):
@@ -157,7 +122,7 @@ class SpecTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*((k, *v) for k, v in CASES.items()))
   def test_labels_and_frozen_batch_norm(self, spec, frozen, frozen_bn):
-    variables = fake_variables()
+    variables = fakes.fake_variables()
     labels = freezing.param_labels(variables['params'], spec)
     chex.assert_trees_all_equal_structs(labels, variables['params'])
     self.assertEqual(set(flat(labels)), ALL)
@@ -203,7 +168,7 @@ class SpecTest(parameterized.TestCase):
       ('one_of_two_unused', [r'head/.*', r'haed/.*'], r"\['haed/\.\*'\]"),
   )
   def test_raises(self, spec, regex):
-    variables = fake_variables()
+    variables = fakes.fake_variables()
     params = variables['params']
     calls = (
         lambda: freezing.param_labels(params, spec),
@@ -262,7 +227,7 @@ class TrainingObeysFreezingTest(parameterized.TestCase):
           self.assertFalse(np.array_equal(new[stat], old[stat]), layer)
 
   def test_sgd_update_scales_with_learning_rate(self):
-    variables = fake_variables()
+    variables = fakes.fake_variables()
     frozen = CASES['paper'][1]
     model = SMALL.build(
         freezing.frozen_batch_norm_layers(
@@ -274,8 +239,8 @@ class TrainingObeysFreezingTest(parameterized.TestCase):
     for lr in lrs:
       state = steps.TrainState.create(
           apply_fn=model.apply,
-          params=copy(variables['params']),
-          batch_stats=copy(variables['batch_stats']),
+          params=fakes.copy(variables['params']),
+          batch_stats=fakes.copy(variables['batch_stats']),
           tx=freezing.make_optimizer(
               variables['params'], 'paper', lambda lr=lr: optax.sgd(lr)
           ),

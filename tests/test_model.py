@@ -14,16 +14,10 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from agejax import config, freezing, model
+from tests import fakes
 
-# Three blocks of 3x3 VALID convs need 48x48 inputs: 46,44,22 | 20,18,9 | 7,5,2.
-SMALL = config.ModelConfig(
-    num_classes=5,
-    conv_filters=((4, 4), (8, 8), (8, 8)),
-    dense_units=(16, 16),
-    image_size=48,
-    conv_dropout=0.0,
-    dense_dropout=0.0,
-)
+# The small variant of the study's CNN, on 48x48 inputs.
+SMALL = fakes.SMALL
 
 AGE_PARAMS = 1_631_524
 AGE_STATS = 4_032
@@ -45,22 +39,6 @@ def _abstract_variables(module, image_size=48, channels=1):
           train=False,
       )
   )
-
-
-def _fill(abstract, seed=0):
-  """Concrete variables of an abstract tree, random but valid for BatchNorm."""
-  rng = np.random.default_rng(seed)
-
-  def one(path, s):
-    name = freezing.path_str(path).rsplit('/', 1)[-1]
-    if name == 'kernel':
-      scale = 1 / np.sqrt(np.prod(s.shape[:-1]))
-      return rng.normal(0, scale, s.shape).astype(np.float32)
-    if name in ('scale', 'var'):
-      return rng.uniform(0.5, 1.5, s.shape).astype(np.float32)
-    return rng.normal(0, 0.1, s.shape).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(one, abstract)
 
 
 def _images(n=4, size=48, seed=0):
@@ -242,7 +220,7 @@ class DtypeTest(parameterized.TestCase):
           self.assertEqual(leaf.dtype, jnp.float32)
 
   def test_bfloat16_close_to_float32(self):
-    variables = _fill(_abstract_variables(SMALL.build()))
+    variables = fakes.fill(_abstract_variables(SMALL.build()))
     images = _images()
     out = {}
     for dtype in ('float32', 'bfloat16'):
@@ -272,7 +250,7 @@ class FrozenBatchNormTest(parameterized.TestCase):
   )
   def test_frozen_layers_keep_statistics_in_train_mode(self, frozen_bn):
     net = SMALL.build(frozen_bn)
-    variables = _fill(_abstract_variables(net))
+    variables = fakes.fill(_abstract_variables(net))
     images = _images()
     logits, updates = jax.jit(
         lambda v, x: net.apply(v, x, train=True, mutable=['batch_stats'])
@@ -299,7 +277,7 @@ class FrozenBatchNormTest(parameterized.TestCase):
 
   def test_eval_mode_never_updates(self):
     net = SMALL.build()
-    variables = _fill(_abstract_variables(net))
+    variables = fakes.fill(_abstract_variables(net))
     _, updates = jax.jit(
         lambda v, x: net.apply(v, x, train=False, mutable=['batch_stats'])
     )(variables, _images())

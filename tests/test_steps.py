@@ -16,6 +16,7 @@ import optax
 from absl.testing import absltest, parameterized
 
 from agejax import augment, batching, config, evaluate, freezing, steps
+from tests import fakes
 
 _C = 4
 TINY = config.ModelConfig(
@@ -29,39 +30,16 @@ TINY = config.ModelConfig(
 NONE = config.StageConfig('s', 1, 1e-2, 'none')
 
 
-def fake_variables(model_config=TINY, seed=0):
-  abstract = jax.eval_shape(
-      lambda: steps.init_variables(
-          jax.random.key(0), model_config.build(), model_config.input_shape
-      )
-  )
-  rng = np.random.default_rng(seed)
-
-  def one(path, s):
-    name = freezing.path_str(path).rsplit('/', 1)[-1]
-    if name == 'kernel':
-      scale = 1 / np.sqrt(np.prod(s.shape[:-1]))
-      return jnp.asarray(rng.normal(0, scale, s.shape), jnp.float32)
-    if name in ('scale', 'var'):
-      return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), jnp.float32)
-    return jnp.asarray(rng.normal(0, 0.1, s.shape), jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(one, abstract)
-
-
-def copy(tree):
-  """A copy whose buffers survive the donation of the original."""
-  return jax.tree.map(jnp.copy, tree)
-
-
 @functools.lru_cache(maxsize=None)
 def _state(model_config=TINY, stage=NONE):
   # Cached so that tests share one `tx` object, hence one compiled step.
-  return steps.create_train_state(model_config, stage, fake_variables(model_config))
+  return steps.create_train_state(
+      model_config, stage, fakes.fake_variables(model_config)
+  )
 
 
 def state(model_config=TINY, stage=NONE):
-  return copy(_state(model_config, stage))
+  return fakes.copy(_state(model_config, stage))
 
 
 def arrays(n, seed=0, size=10):
@@ -98,7 +76,7 @@ class TrainStepTest(parameterized.TestCase):
     old_leaves = jax.tree.leaves(s)
     # A device copy: a host view (device_get) would pin the buffers and
     # prevent their donation on CPU.
-    before = copy(s.params)
+    before = fakes.copy(s.params)
     new, metrics = steps.train_step(s, full_batch(6), jax.random.key(0))
     # The old state's buffers were donated to the new state.
     self.assertTrue(all(leaf.is_deleted() for leaf in old_leaves))
@@ -169,7 +147,7 @@ class TrainStepTest(parameterized.TestCase):
     padded = pad_with_garbage(real, 3)
     out = {}
     for name, batch in (('real', real), ('padded', padded)):
-      new, metrics = steps.train_step(copy(s), batch, jax.random.key(0))
+      new, metrics = steps.train_step(fakes.copy(s), batch, jax.random.key(0))
       out[name] = (jax.device_get(new.params), jax.device_get(metrics))
     chex.assert_trees_all_close(out['padded'], out['real'], rtol=1e-5, atol=1e-7)
     self.assertEqual(float(out['padded'][1]['count']), 5.0)
@@ -286,9 +264,9 @@ class EpochTest(chex.TestCase):
     key = jax.random.key(7)
     tree = lambda s: (s.step, s.params, s.batch_stats, s.opt_state)
 
-    looped, loop_sums = self._loop(copy(base), data, key, 4)
+    looped, loop_sums = self._loop(fakes.copy(base), data, key, 4)
     scanned, scan_sums = steps.train_epoch(
-        copy(base), jnp.asarray(data['image']), jnp.asarray(data['label']),
+        fakes.copy(base), jnp.asarray(data['image']), jnp.asarray(data['label']),
         key, batch_size=4, config=FLIP,
     )
     self.assertEqual(int(scanned.step), 5)  # 22 // 4; the remainder dropped
@@ -298,7 +276,7 @@ class EpochTest(chex.TestCase):
 
     # The comparison is sensitive: another epoch key trains differently.
     other, _ = steps.train_epoch(
-        copy(base), jnp.asarray(data['image']), jnp.asarray(data['label']),
+        fakes.copy(base), jnp.asarray(data['image']), jnp.asarray(data['label']),
         jax.random.key(8), batch_size=4, config=FLIP,
     )
     for a, b in zip(jax.tree.leaves(other.params), jax.tree.leaves(scanned.params)):

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from agejax import config, freezing, steps, transfer
+from agejax import config, freezing, transfer
+from tests import fakes
 
 _FILTERS = ((4, 4), (8, 8), (8, 8))
 FER = config.ModelConfig(num_classes=7, conv_filters=_FILTERS, dense_units=(16, 8))
@@ -25,15 +26,15 @@ MODELS = {'fer': FER, 'age': AGE, 'other': OTHER}
 
 
 def fake_variables(model_config, seed):
-  """``{'params', 'batch_stats'}`` of the model, random but not initialised."""
-  abstract = jax.eval_shape(
-      lambda: steps.init_variables(
-          jax.random.key(0), model_config.build(), model_config.input_shape
-      )
-  )
+  """``{'params', 'batch_stats'}`` of the model, random but not initialised.
+
+  Every leaf ~ N(0, 1), unlike ``fakes.fill``: nothing here runs the model,
+  so BatchNorm needs no valid statistics.
+  """
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda s: rng.normal(size=s.shape).astype(s.dtype), abstract
+      lambda s: rng.normal(size=s.shape).astype(s.dtype),
+      fakes.abstract_variables(model_config),
   )
 
 
