@@ -165,7 +165,10 @@ def _supported_pads(
     pads = [tuple(p) for p in padding]
   if len(pads) != 2 or any(len(p) != 2 or min(p) < 0 for p in pads):
     return None
-  out_hw = [n + lo + hi - k + 1 for n, (lo, hi), k in zip(lhs.shape[1:3], pads, rhs.shape[:2])]
+  out_hw = [
+      n + lo + hi - k + 1
+      for n, (lo, hi), k in zip(lhs.shape[1:3], pads, rhs.shape[:2])
+  ]
   if min(out_hw) < 1:
     return None
   return tuple((int(lo), int(hi)) for lo, hi in pads)

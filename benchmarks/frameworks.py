@@ -1,0 +1,326 @@
+"""Side-by-side CPU throughput of the study's CNN in agejax, PyTorch and Keras.
+
+Why: issue 5 asks agejax to train at least 1.2x as fast as the faster of
+Keras and PyTorch on CPU, and to evaluate at least as fast as Keras. This
+script builds the same network (1,635,556 parameters incl. BatchNorm
+statistics, 100 classes) in each framework and prints images/s and ratios.
+
+Each framework runs in its own worker process (so thread pools do not
+compete) and the driver asks the workers for one timed repeat in turn, so
+that load from other users of a shared machine hits every framework alike.
+Each row is the median over ``--repeats`` of ``--steps`` steps, after
+``--warmup`` untimed steps.
+
+Keras and PyTorch are benchmark-only extras (benchmarks/requirements-bench.txt),
+never agejax dependencies. Run from the repository root:
+
+  bench-venv/bin/python -m benchmarks.frameworks \
+      --frameworks=agejax-lax,agejax-matmul,torch,keras --batch_sizes=64,256
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app
+from absl import flags
+
+NUM_CLASSES = 100
+IMAGE_SHAPE = (48, 48, 1)
+CONV_FILTERS = ((32, 64), (128, 128), (128, 256))
+DENSE_UNITS = (512, 512, 256)
+EXPECTED_PARAMS = 1_635_556
+FRAMEWORKS = ('agejax-lax', 'agejax-matmul', 'torch', 'keras')
+
+_FRAMEWORKS = flags.DEFINE_list(
+    'frameworks', list(FRAMEWORKS), f'Subset of {FRAMEWORKS}.'
+)
+_BATCH_SIZES = flags.DEFINE_list(
+    'batch_sizes', ['64', '256'], 'Training batch sizes.'
+)
+_EVAL_BATCH_SIZE = flags.DEFINE_integer(
+    'eval_batch_size', 256, 'Evaluation batch size (0 skips evaluation).'
+)
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats per row.')
+_STEPS = flags.DEFINE_integer('steps', 5, 'Steps per timed repeat.')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps before timing.')
+
+# A measurement: 'train' or 'eval', and a batch size.
+Case = tuple[str, int]
+# Builds, for a case, a function that runs one step and waits for it.
+StepBuilder = Callable[[Case], Callable[[], None]]
+
+
+def _random_batch(batch_size: int, seed: int = 0) -> tuple[Any, Any]:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (batch_size, *IMAGE_SHAPE), dtype=np.uint8)
+  labels = rng.integers(0, NUM_CLASSES, (batch_size,), dtype=np.int32)
+  return images, labels
+
+
+def _agejax_builder(conv_impl: str) -> StepBuilder:
+  """agejax's own model and jitted train/eval steps (agejax.steps)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from agejax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from agejax import steps  # pylint: disable=g-import-not-at-top
+
+  model_config = config_lib.ModelConfig(
+      num_classes=NUM_CLASSES,
+      conv_filters=CONV_FILTERS,
+      dense_units=DENSE_UNITS,
+      conv_impl=conv_impl,
+  )
+  stage = config_lib.StageConfig(name='bench', epochs=1, learning_rate=1e-3)
+  variables = steps.init_variables(
+      jax.random.PRNGKey(0), model_config.build(), IMAGE_SHAPE
+  )
+  n_params = sum(int(np.size(v)) for v in jax.tree.leaves(variables))
+  _check_params('agejax', n_params)
+
+  def build(case: Case) -> Callable[[], None]:
+    mode, batch_size = case
+    images, labels = _random_batch(batch_size)
+    batch = jax.device_put({
+        'image': images,
+        'label': labels,
+        'mask': np.ones((batch_size,), bool),
+    })
+    # train_step donates its state, so each case gets its own copy.
+    fresh = jax.tree.map(jax.numpy.copy, variables)
+    state = [steps.create_train_state(model_config, stage, fresh)]
+    rng = jax.random.PRNGKey(1)
+    if mode == 'train':
+
+      def run() -> None:
+        state[0], out = steps.train_step(state[0], batch, rng)
+        jax.block_until_ready(out)
+
+    else:
+
+      def run() -> None:
+        jax.block_until_ready(steps.eval_step(state[0], batch))
+
+    return run
+
+  return build
+
+
+def _torch_builder() -> StepBuilder:
+  """PyTorch eager, channels_last, Adam, the same network."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  layers: list[nn.Module] = []
+  cin = IMAGE_SHAPE[2]
+  for block in CONV_FILTERS:
+    for cout in block:
+      layers += [nn.Conv2d(cin, cout, 3), nn.ReLU(), nn.BatchNorm2d(cout)]
+      cin = cout
+    layers += [nn.MaxPool2d(2), nn.Dropout(0.25)]
+  layers.append(nn.Flatten())
+  fin = 1024
+  for units in DENSE_UNITS:
+    layers += [nn.Linear(fin, units), nn.ReLU(), nn.BatchNorm1d(units)]
+    layers.append(nn.Dropout(0.5))
+    fin = units
+  layers.append(nn.Linear(fin, NUM_CLASSES))
+  model = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+  n_params = sum(p.numel() for p in model.parameters()) + sum(
+      b.numel() for n, b in model.named_buffers() if 'running' in n
+  )
+  _check_params('torch', n_params)
+  opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+  loss_fn = nn.CrossEntropyLoss()
+
+  def build(case: Case) -> Callable[[], None]:
+    mode, batch_size = case
+    images, labels = _random_batch(batch_size)
+    x = (
+        torch.from_numpy(images)
+        .permute(0, 3, 1, 2)
+        .contiguous(memory_format=torch.channels_last)
+    )
+    y = torch.from_numpy(labels).long()
+    if mode == 'train':
+
+      def run() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x.float() / 255.0), y)
+        loss.backward()
+        opt.step()
+
+    else:
+
+      def run() -> None:
+        model.eval()
+        with torch.inference_mode():
+          logits = model(x.float() / 255.0)
+          loss_fn(logits, y).item()
+          (logits.argmax(-1) == y).sum().item()
+
+    return run
+
+  return build
+
+
+def _keras_builder() -> StepBuilder:
+  """Keras 3 on TensorFlow, compiled tf.function steps without XLA."""
+  os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import keras  # pylint: disable=g-import-not-at-top
+
+  layers: list[Any] = [
+      keras.Input(IMAGE_SHAPE),
+      keras.layers.Rescaling(1 / 255),
+  ]
+  for block in CONV_FILTERS:
+    for cout in block:
+      layers += [
+          keras.layers.Conv2D(cout, 3, activation='relu'),
+          keras.layers.BatchNormalization(),
+      ]
+    layers += [keras.layers.MaxPooling2D(2), keras.layers.Dropout(0.25)]
+  layers.append(keras.layers.Flatten())
+  for units in DENSE_UNITS:
+    layers += [
+        keras.layers.Dense(units, activation='relu'),
+        keras.layers.BatchNormalization(),
+        keras.layers.Dropout(0.5),
+    ]
+  layers.append(keras.layers.Dense(NUM_CLASSES))
+  model = keras.Sequential(layers)
+  _check_params('keras', model.count_params())
+  model.compile(
+      optimizer=keras.optimizers.Adam(1e-3),
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      metrics=['accuracy'],
+      jit_compile=False,
+  )
+
+  def build(case: Case) -> Callable[[], None]:
+    mode, batch_size = case
+    images, labels = _random_batch(batch_size)
+    if mode == 'train':
+      return lambda: model.train_on_batch(images, labels)
+    return lambda: model.test_on_batch(images, labels)
+
+  return build
+
+
+def _check_params(name: str, n_params: int) -> None:
+  if n_params != EXPECTED_PARAMS:
+    raise AssertionError(
+        f'{name} network has {n_params} parameters, expected {EXPECTED_PARAMS}.'
+    )
+
+
+def _builder(framework: str) -> StepBuilder:
+  if framework.startswith('agejax-'):
+    return _agejax_builder(framework.removeprefix('agejax-'))
+  if framework == 'torch':
+    return _torch_builder()
+  if framework == 'keras':
+    return _keras_builder()
+  raise ValueError(f'Unknown framework {framework!r}; expected {FRAMEWORKS}.')
+
+
+def _worker(framework: str, conn: Any, steps: int, warmup: int) -> None:
+  """Serves timing requests: receives a case, answers images/s (or None)."""
+  build = _builder(framework)
+  runs: dict[Case, Callable[[], None]] = {}
+  conn.send('ready')
+  while (case := conn.recv()) is not None:
+    if case not in runs:
+      runs[case] = build(case)
+      for _ in range(warmup):
+        runs[case]()
+    start = time.perf_counter()
+    for _ in range(steps):
+      runs[case]()
+    conn.send(steps * case[1] / (time.perf_counter() - start))
+
+
+def measure(
+    frameworks: Sequence[str],
+    cases: Sequence[Case],
+    repeats: int,
+    steps: int,
+    warmup: int,
+) -> dict[tuple[str, Case], float]:
+  """Median images/s per (framework, case), repeats interleaved round-robin."""
+  ctx = mp.get_context('spawn')
+  workers = {}
+  for fw in frameworks:
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_worker, args=(fw, child, steps, warmup))
+    proc.start()
+    workers[fw] = (proc, parent)
+  for _, conn in workers.values():
+    conn.recv()
+  samples: dict[tuple[str, Case], list[float]] = {}
+  try:
+    for case in cases:
+      for _ in range(repeats):
+        for fw, (_, conn) in workers.items():
+          conn.send(case)
+          samples.setdefault((fw, case), []).append(conn.recv())
+  finally:
+    for proc, conn in workers.values():
+      if proc.is_alive():
+        conn.send(None)
+        proc.join(timeout=60)
+      proc.terminate()
+  return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def format_table(
+    frameworks: Sequence[str],
+    cases: Sequence[Case],
+    results: dict[tuple[str, Case], float],
+) -> str:
+  """Markdown table of images/s, then each agejax row's ratio to each rival."""
+  header = [f'{mode} b{bs}' for mode, bs in cases]
+  lines = [
+      '| framework | ' + ' | '.join(header) + ' |',
+      '|---' * (len(cases) + 1) + '|',
+  ]
+  for fw in frameworks:
+    cells = [f'{results[fw, c]:.0f}' for c in cases]
+    lines.append(f'| {fw} | ' + ' | '.join(cells) + ' |')
+  rivals = [fw for fw in frameworks if not fw.startswith('agejax')]
+  for fw in frameworks:
+    if not fw.startswith('agejax'):
+      continue
+    for rival in rivals:
+      cells = [f'{results[fw, c] / results[rival, c]:.2f}x' for c in cases]
+      lines.append(f'| {fw} / {rival} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  frameworks = list(_FRAMEWORKS.value)
+  for fw in frameworks:
+    if fw not in FRAMEWORKS:
+      raise app.UsageError(f'Unknown framework {fw!r}; expected {FRAMEWORKS}.')
+  cases: list[Case] = [('train', int(b)) for b in _BATCH_SIZES.value]
+  if _EVAL_BATCH_SIZE.value:
+    cases.append(('eval', _EVAL_BATCH_SIZE.value))
+  results = measure(
+      frameworks, cases, _REPEATS.value, _STEPS.value, _WARMUP.value
+  )
+  print(f'images/s, median of {_REPEATS.value} x {_STEPS.value} steps')
+  print(format_table(frameworks, cases, results))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,231 @@
+"""Tests for agejax.conv: the matmul-gradient convolution equals lax's."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from agejax import conv
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+_TOL = 1e-5
+
+# (batch, height, width, in channels, out channels, kernel): the study's six
+# convolutions, then odd sizes, non-square inputs and kernels.
+_SHAPES = (
+    (2, 48, 48, 1, 32, (3, 3)),
+    (2, 46, 46, 32, 64, (3, 3)),
+    (2, 22, 22, 64, 128, (3, 3)),
+    (2, 20, 20, 128, 128, (3, 3)),
+    (2, 9, 9, 128, 128, (3, 3)),
+    (2, 7, 7, 128, 256, (3, 3)),
+    (3, 11, 7, 5, 6, (3, 2)),
+    (1, 6, 9, 4, 3, (1, 1)),
+    (2, 5, 5, 3, 2, (5, 4)),
+)
+
+
+def _inputs(b, h, w, cin, cout, kernel, seed=0):
+  """Unit-scale input, fan-in-scaled kernel, and an output cotangent."""
+  kx, kw = jax.random.split(jax.random.PRNGKey(seed))
+  x = jax.random.normal(kx, (b, h, w, cin))
+  fan_in = kernel[0] * kernel[1] * cin
+  k = jax.random.normal(kw, (*kernel, cin, cout)) / jnp.sqrt(fan_in)
+  return x, k
+
+
+def _vjp(fn, x, k, **kwargs):
+  """Output and (dx, dk) for a fixed, unit-scale cotangent."""
+  y, pullback = jax.vjp(lambda a, b: fn(a, b, (1, 1), **kwargs), x, k)
+  g = jax.random.normal(jax.random.PRNGKey(7), y.shape)
+  g = g / jnp.sqrt(y.shape[0] * y.shape[1] * y.shape[2])
+  return y, pullback(g)
+
+
+def _uses_custom_vjp(fn, x, k, *args, **kwargs) -> bool:
+  """Whether ``fn(x, k, ...)`` traces to the custom-VJP (matmul) path."""
+  jaxpr = jax.make_jaxpr(lambda a, b: fn(a, b, *args, **kwargs))(x, k)
+  return 'custom_vjp_call' in str(jaxpr)
+
+
+class MatmulConvTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(shape=_SHAPES, padding=('VALID', 'SAME'))
+  def test_forward_and_gradients_match_lax(self, shape, padding):
+    x, k = _inputs(*shape)
+    kwargs = dict(padding=padding, dimension_numbers=_NHWC)
+    want_y, want_grads = _vjp(lax.conv_general_dilated, x, k, **kwargs)
+    got_y, got_grads = self.variant(
+        lambda a, b: _vjp(conv.matmul_conv_general_dilated, a, b, **kwargs)
+    )(x, k)
+    chex.assert_shape(got_y, want_y.shape)
+    chex.assert_trees_all_close(got_y, want_y, rtol=_TOL, atol=_TOL)
+    chex.assert_trees_all_close(got_grads, want_grads, rtol=_TOL, atol=_TOL)
+
+  @parameterized.parameters(
+      (((0, 0), (0, 0)),), (((1, 2), (0, 1)),), (((2, 2), (3, 0)),)
+  )
+  def test_explicit_padding_matches_lax_on_padded_input(self, padding):
+    # Reference: lax on the zero-padded input. lax's own input gradient is
+    # wrong for padding wider than kernel - 1 (((2, 2), (3, 0)) here).
+    x, k = _inputs(2, 9, 8, 3, 4, (3, 2))
+    padded = lambda a: jnp.pad(a, ((0, 0), *padding, (0, 0)))
+    want = _vjp(
+        lambda a, b, s, **kw: lax.conv_general_dilated(padded(a), b, s, **kw),
+        x,
+        k,
+        padding='VALID',
+        dimension_numbers=_NHWC,
+    )
+    got = _vjp(
+        conv.matmul_conv_general_dilated,
+        x,
+        k,
+        padding=padding,
+        dimension_numbers=_NHWC,
+    )
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+    self.assertTrue(
+        _uses_custom_vjp(
+            conv.matmul_conv_general_dilated,
+            x,
+            k,
+            (1, 1),
+            padding,
+            dimension_numbers=_NHWC,
+        )
+    )
+
+  def test_same_lower_padding_matches_lax(self):
+    x, k = _inputs(2, 9, 8, 3, 4, (2, 2))
+    kwargs = dict(padding='SAME_LOWER', dimension_numbers=_NHWC)
+    want = _vjp(lax.conv_general_dilated, x, k, **kwargs)
+    got = _vjp(conv.matmul_conv_general_dilated, x, k, **kwargs)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+
+  def test_grad_of_jit_and_jit_of_grad_match_lax(self):
+    x, k = _inputs(2, 20, 20, 16, 8, (3, 3))
+
+    def loss(fn):
+      # Divided by sqrt(outputs) so that gradients are of order one.
+      return lambda a, b: jnp.sum(
+          jnp.tanh(fn(a, b, (1, 1), 'VALID', dimension_numbers=_NHWC))
+      ) / 72.0
+
+    want = jax.grad(loss(lax.conv_general_dilated), (0, 1))(x, k)
+    fast = loss(conv.matmul_conv_general_dilated)
+    chex.assert_trees_all_close(
+        jax.grad(jax.jit(fast), (0, 1))(x, k), want, rtol=_TOL, atol=_TOL
+    )
+    chex.assert_trees_all_close(
+        jax.jit(jax.grad(fast, (0, 1)))(x, k), want, rtol=_TOL, atol=_TOL
+    )
+
+  def test_second_order_gradient_raises(self):
+    # custom_vjp functions are differentiable once in reverse mode only.
+    x, k = _inputs(1, 6, 6, 2, 3, (3, 3))
+
+    def f(a):
+      return jnp.sum(
+          conv.matmul_conv_general_dilated(
+              a, k, (1, 1), 'VALID', dimension_numbers=_NHWC
+          )
+      )
+
+    with self.assertRaises(TypeError):
+      jax.jvp(jax.grad(f), (x,), (x,))
+
+  def test_flax_conv_matches_lax(self):
+    x, _ = _inputs(2, 12, 12, 3, 5, (3, 3))
+
+    def apply(impl):
+      layer = nn.Conv(
+          5,
+          (3, 3),
+          padding='VALID',
+          conv_general_dilated=conv.conv_general_dilated_for(impl),
+      )
+      params = layer.init(jax.random.PRNGKey(0), x)
+      loss = lambda p, a: jnp.sum(jnp.sin(layer.apply(p, a)))
+      return jax.jit(jax.value_and_grad(loss, (0, 1)))(params, x)
+
+    chex.assert_trees_all_close(
+        apply('matmul'), apply('lax'), rtol=_TOL, atol=_TOL
+    )
+
+  @parameterized.named_parameters(
+      ('stride', dict(window_strides=(2, 1))),
+      ('rhs_dilation', dict(rhs_dilation=(2, 2))),
+      ('lhs_dilation', dict(lhs_dilation=(1, 2), padding=((0, 0), (0, 0)))),
+      ('nhwc_ohwi', dict(dimension_numbers=('NHWC', 'OHWI', 'NHWC'))),
+      ('nchw_output', dict(dimension_numbers=('NHWC', 'HWIO', 'NCHW'))),
+      ('negative_padding', dict(padding=((-1, 0), (0, 0)))),
+      ('preferred_element_type', dict(preferred_element_type=jnp.float32)),
+  )
+  def test_unsupported_config_falls_back_to_lax(self, overrides):
+    x, k = _inputs(2, 8, 8, 4, 4, (3, 3))
+    kwargs = dict(
+        window_strides=(1, 1), padding='VALID', dimension_numbers=_NHWC
+    )
+    kwargs.update(overrides)
+    want = lax.conv_general_dilated(x, k, **kwargs)
+    got = conv.matmul_conv_general_dilated(x, k, **kwargs)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+    strides, padding = kwargs.pop('window_strides'), kwargs.pop('padding')
+    self.assertFalse(
+        _uses_custom_vjp(
+            conv.matmul_conv_general_dilated, x, k, strides, padding, **kwargs
+        )
+    )
+
+  def test_feature_groups_fall_back_to_lax(self):
+    x, k = _inputs(2, 8, 8, 4, 6, (3, 3))
+    k = k[:, :, :2, :]
+    kwargs = dict(
+        padding='SAME', dimension_numbers=_NHWC, feature_group_count=2
+    )
+    want = lax.conv_general_dilated(x, k, (1, 1), **kwargs)
+    got = conv.matmul_conv_general_dilated(x, k, (1, 1), **kwargs)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+
+  def test_mismatched_channels_raise_like_lax(self):
+    x, k = _inputs(1, 6, 6, 2, 3, (3, 3))
+    with self.assertRaisesRegex(ValueError, 'feature dimension'):
+      conv.matmul_conv_general_dilated(
+          x, k[:, :, :1], (1, 1), 'VALID', dimension_numbers=_NHWC
+      )
+
+
+class ConvGeneralDilatedForTest(parameterized.TestCase):
+
+  def test_lax_and_matmul(self):
+    for_ = conv.conv_general_dilated_for
+    self.assertIs(for_('lax'), lax.conv_general_dilated)
+    self.assertIs(for_('matmul'), conv.matmul_conv_general_dilated)
+
+  @parameterized.parameters(('cpu', True), ('gpu', False), ('tpu', False))
+  def test_auto_picks_by_backend(self, backend, want_matmul):
+    auto = conv.conv_general_dilated_for('auto')
+    with mock.patch.object(jax, 'default_backend', return_value=backend):
+      got = _uses_custom_vjp(
+          auto, *_inputs(1, 6, 6, 2, 3, (3, 3)), (1, 1), 'VALID',
+          dimension_numbers=_NHWC,
+      )
+    self.assertEqual(got, want_matmul)
+
+  @parameterized.parameters('', 'Lax', 'im2col', 'cuda')
+  def test_unknown_impl_raises(self, impl):
+    with self.assertRaisesRegex(ValueError, 'Unknown conv impl'):
+      conv.conv_general_dilated_for(impl)
+
+
+if __name__ == '__main__':
+  absltest.main()
