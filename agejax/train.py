@@ -169,74 +169,78 @@ def train_and_evaluate(
     )
 
   writer = run_logging.TensorBoardWriter(workdir / 'tensorboard')
-  for g in range(done, len(plan)):
-    s, e = plan[g]
-    stage = config.stages[s]
-    if s != stage_idx:
-      state = steps.start_stage(state, model_config, stage)
-      stage_idx = s
-    start = time.time()
-    epoch_key = jax.random.fold_in(train_key, g)
-    desc = f'{stage.name} epoch {e + 1}/{stage.epochs}'
-    if epoch_mode == 'scan':
-      state, sums = steps.train_epoch(
+  try:
+    for g in range(done, len(plan)):
+      s, e = plan[g]
+      stage = config.stages[s]
+      if s != stage_idx:
+        state = steps.start_stage(state, model_config, stage)
+        stage_idx = s
+      start = time.time()
+      epoch_key = jax.random.fold_in(train_key, g)
+      desc = f'{stage.name} epoch {e + 1}/{stage.epochs}'
+      if epoch_mode == 'scan':
+        state, sums = steps.train_epoch(
+            state,
+            on_device['image'],
+            on_device['label'],
+            epoch_key,
+            batch_size=config.batch_size,
+            config=config.step,
+            batch_sharding=parallel.batch_sharding(mesh),
+        )
+      else:
+        state, sums = _train_epoch_loop(
+            state, train, epoch_key, config, mesh, desc, show_progress
+        )
+      sums = jax.device_get(sums)
+      val, _ = evaluate_lib.evaluate(
           state,
-          on_device['image'],
-          on_device['label'],
-          epoch_key,
-          batch_size=config.batch_size,
+          data['validation'],
           config=config.step,
-          batch_sharding=parallel.batch_sharding(mesh),
+          batch_size=config.eval_batch_size,
+          mesh=mesh,
       )
-    else:
-      state, sums = _train_epoch_loop(
-          state, train, epoch_key, config, mesh, desc, show_progress
-      )
-    sums = jax.device_get(sums)
-    val, _ = evaluate_lib.evaluate(
-        state,
-        data['validation'],
-        config=config.step,
-        batch_size=config.eval_batch_size,
-        mesh=mesh,
-    )
-    entry = {
-        'epoch': g + 1,
-        'stage': stage.name,
-        'train_loss': float(sums['loss_sum'] / sums['count']),
-        'train_accuracy': float(sums['correct'] / sums['count']),
-        **{f'val_{k}': val[k] for k in config.history_metrics},
-        'seconds': round(time.time() - start, 2),
-    }
-    history.append(entry)
-    log(_format_entry(desc, entry, config.history_metrics))
-    writer.scalars(g + 1, {k: v for k, v in entry.items() if k != 'epoch'})
-    if config.select_metric not in val:
-      raise KeyError(
-          f'select_metric {config.select_metric!r} is not a validation score;'
-          f' choose one of {sorted(k for k in val if k != "per_class")}.'
-      )
-    value = val[config.select_metric]
-    if _better(value, best, config.select_mode):
-      best = value
-      ckpts.save_best(
+      entry = {
+          'epoch': g + 1,
+          'stage': stage.name,
+          'train_loss': float(sums['loss_sum'] / sums['count']),
+          'train_accuracy': float(sums['correct'] / sums['count']),
+          **{f'val_{k}': val[k] for k in config.history_metrics},
+          'seconds': round(time.time() - start, 2),
+      }
+      history.append(entry)
+      log(_format_entry(desc, entry, config.history_metrics))
+      writer.scalars(g + 1, {k: v for k, v in entry.items() if k != 'epoch'})
+      if config.select_metric not in val:
+        raise KeyError(
+            f'select_metric {config.select_metric!r} is not a validation score;'
+            f' choose one of {sorted(k for k in val if k != "per_class")}.'
+        )
+      value = val[config.select_metric]
+      if _better(value, best, config.select_mode):
+        best = value
+        ckpts.save_best(
+            g + 1,
+            {'params': state.params, 'batch_stats': state.batch_stats},
+            {
+                'model': config_dict(model_config),
+                'epoch': g + 1,
+                'validation': {k: v for k, v in val.items() if k != 'per_class'},
+            },
+        )
+      ckpts.save_latest(
           g + 1,
-          {'params': state.params, 'batch_stats': state.batch_stats},
-          {
-              'model': config_dict(model_config),
-              'epoch': g + 1,
-              'validation': {k: v for k, v in val.items() if k != 'per_class'},
-          },
+          _state_tree(state),
+          {'epoch': g + 1, 'history': history, 'best': best, 'config': run_config},
       )
-    ckpts.save_latest(
-        g + 1,
-        _state_tree(state),
-        {'epoch': g + 1, 'history': history, 'best': best, 'config': run_config},
-    )
-    run_logging.write_history(workdir / 'metrics.jsonl', history)
-  writer.close()
-  ckpts.wait()
-  ckpts.close()
+      run_logging.write_history(workdir / 'metrics.jsonl', history)
+  finally:
+    # Also on an interrupt: let in-flight checkpoint saves finish, so that a
+    # rerun resumes after the last epoch that completed.
+    writer.close()
+    ckpts.wait()
+    ckpts.close()
 
   best_variables, meta = checkpoints.load_variables(
       workdir,

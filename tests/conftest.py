@@ -1,0 +1,20 @@
+"""Test-session setup: a persistent XLA compilation cache.
+
+Every `train_and_evaluate` builds a new optimizer, so `jax.jit` retraces its
+steps; the HLO is the same, and the cache lets XLA skip recompiling it, which
+is most of the time of the end-to-end tests on a CPU.
+"""
+
+import os
+import tempfile
+
+import jax
+
+jax.config.update(
+    'jax_compilation_cache_dir',
+    os.environ.get(
+        'AGEJAX_TEST_COMPILATION_CACHE',
+        os.path.join(tempfile.gettempdir(), 'agejax-test-xla-cache'),
+    ),
+)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
