@@ -97,6 +97,7 @@ def train_and_evaluate(
     mesh: jax.sharding.Mesh | None = None,
     log: Callable[[str], None] = functools.partial(print, flush=True),
     show_progress: bool = True,
+    stop_after_epoch: int | None = None,
 ) -> dict[str, Any]:
   """Trains through every stage of ``config``, then evaluates the best epoch.
 
@@ -110,6 +111,10 @@ def train_and_evaluate(
     mesh: Devices to train on (default: every device, data parallel).
     log: Where progress lines go.
     show_progress: Show a progress bar per epoch.
+    stop_after_epoch: Stop (resumably) once this many epochs of the run are
+      done, e.g. to fit a time-boxed job; the best checkpoint so far is then
+      evaluated. Not part of the config: the same run continues when called
+      again with a later (or no) stop.
 
   Returns:
     ``{'best_epoch', 'validation', 'test', 'history', 'transfer'}``; the
@@ -170,7 +175,8 @@ def train_and_evaluate(
 
   writer = run_logging.TensorBoardWriter(workdir / 'tensorboard')
   try:
-    for g in range(done, len(plan)):
+    last = len(plan) if stop_after_epoch is None else min(stop_after_epoch, len(plan))
+    for g in range(done, last):
       s, e = plan[g]
       stage = config.stages[s]
       if s != stage_idx:
@@ -252,6 +258,8 @@ def train_and_evaluate(
   best_state = state.replace(**best_variables)
   results = {
       'best_epoch': meta['epoch'],
+      'epochs_done': max(done, last),
+      'epochs_planned': len(plan),
       'history': history,
       'transfer': None if report is None else report.to_dict(),
   }

@@ -37,6 +37,11 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first.')
 flags.DEFINE_bool('progress', True, 'Show a progress bar per epoch.')
+flags.DEFINE_integer(
+    'stop_after_epoch', None,
+    'Stop, resumably, after this many epochs of the run (time-boxed jobs);'
+    ' rerun without it to finish.',
+)
 
 # Data.
 flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'real'], 'Synthetic faces or the real datasets.')

@@ -31,7 +31,8 @@ def main(argv):
   config = common.train_config('age', num_classes=num_classes, class_weights=weights)
   run_logging.write_json(f'{FLAGS.workdir}/data_report.json', data_report)
   results = train.train_and_evaluate(
-      config, data, FLAGS.workdir, show_progress=FLAGS.progress
+      config, data, FLAGS.workdir, show_progress=FLAGS.progress,
+      stop_after_epoch=FLAGS.stop_after_epoch,
   )
   print(common.format_results(results))
 

@@ -21,7 +21,8 @@ def main(argv):
   common.setup()
   config = common.train_config('fer', num_classes=7)
   results = train.train_and_evaluate(
-      config, common.fer_data(), FLAGS.workdir, show_progress=FLAGS.progress
+      config, common.fer_data(), FLAGS.workdir, show_progress=FLAGS.progress,
+      stop_after_epoch=FLAGS.stop_after_epoch,
   )
   print(common.format_results(results, keys=('accuracy', 'macro_f1', 'weighted_f1', 'loss')))
 
