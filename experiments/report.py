@@ -307,7 +307,11 @@ def _label_names(num_classes: int) -> list[str]:
 def _stage_plan(run: Run) -> str:
   if run.config is None:
     return 'no config.json'
-  return ' + '.join(f'{s["name"]} {s["epochs"]}' for s in run.config['stages'])
+  plan = ' + '.join(f'{s["name"]} {s["epochs"]}' for s in run.config['stages'])
+  done, planned = run.results.get('epochs_done'), run.results.get('epochs_planned')
+  if done is not None and done < planned:
+    plan += f' (stopped after {done} of {planned} epochs: --stop_after_epoch)'
+  return plan
 
 
 def header_section(study: Study, options: Options) -> str:
