@@ -56,6 +56,10 @@ flags.DEFINE_string(
     'hardware_note', None,
     'Hardware the runs used, for the header (default: this machine, from platform and jax.devices()).',
 )
+flags.DEFINE_string(
+    'discussion', None,
+    "Markdown file with the authors' discussion, placed after the drafted sentences.",
+)
 flags.DEFINE_enum(
     'detail_protocol', 'dedup', list(splits_lib.PROTOCOLS),
     'Protocol whose fc1 and ranges11 runs get per-class tables and inline figures.',
@@ -156,6 +160,8 @@ class Options:
   runs_dir: str = 'runs/study'
   out_dir: str = 'docs'
   figures: tuple[str, ...] = DEFAULT_FIGURES
+  discussion: str = ''
+  discussion_file: str = ''
 
 
 # Reading runs.
@@ -592,6 +598,8 @@ def commands_section(study: Study, options: Options) -> str:
   report = (
       f'python -m experiments.report --runs={options.runs_dir} --out={options.out_dir}'
       f' --schedule={options.schedule} --figures={",".join(options.figures)}'
+      + ''.join(f' --extra_flags={f}' for f in options.extra_flags)
+      + (f' --discussion={options.discussion_file}' if options.discussion_file else '')
   )
   return '\n'.join([
       '## Commands',
@@ -646,17 +654,18 @@ def discussion_drafts(study: Study) -> list[str]:
   return drafts
 
 
-def discussion_section(study: Study) -> str:
-  """Drafted sentences and the `<!-- discussion -->` placeholders the author fills in."""
+def discussion_section(study: Study, discussion: str = '') -> str:
+  """Sentences drafted from the tables, then the authors' ``discussion`` text."""
   drafts = discussion_drafts(study)
   return '\n'.join([
       '## Discussion',
       '',
-      '<!-- discussion: the sentences below are drafts computed from the tables; edit or replace. -->',
+      '<!-- discussion: the sentences below are drafts computed from the tables. -->',
       '',
       *([f'- {d}' for d in drafts] or ['- (no finished runs to discuss yet)']),
       '',
       '<!-- discussion -->',
+      *(['', discussion.strip()] if discussion.strip() else []),
   ])
 
 
@@ -674,7 +683,7 @@ def render_markdown(
       ranges_section(study, options.detail_protocol),
       figures_section(figures or {}, options.detail_protocol),
       commands_section(study, options),
-      discussion_section(study),
+      discussion_section(study, options.discussion),
   ]
   return '\n\n'.join(sections) + '\n'
 
@@ -814,6 +823,15 @@ def default_hardware_note() -> str:
   )
 
 
+def _read_discussion(path: str | None) -> str:
+  if not path:
+    return ''
+  try:
+    return pathlib.Path(path).read_text()
+  except OSError as e:
+    raise app.UsageError(f'Cannot read --discussion={path}: {e}') from e
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -835,6 +853,8 @@ def main(argv):
       runs_dir=FLAGS.runs,
       out_dir=FLAGS.out,
       figures=tuple(FLAGS.figures),
+      discussion=_read_discussion(FLAGS.discussion),
+      discussion_file=FLAGS.discussion or '',
   )
   study = load_study(runs_dir)
   path = write_report(study, FLAGS.out, options)
