@@ -1,27 +1,40 @@
-"""Convolution implementations for `flax.linen.Conv`, chosen per backend.
+"""Convolution and max-pooling implementations for the CNN, chosen per backend.
 
-Why: on XLA:CPU the gradient of ``lax.conv_general_dilated`` with respect to
-the kernel is lowered to a "filter-gradient" convolution (batch treated as
-features, an 18x18-or-larger window) that runs far below the machine's matmul
-throughput and dominates a training step of the study's CNN. The same
-quantity is a single matrix product of im2col patches with the output
-cotangent, which XLA:CPU runs at matmul speed.
+Why: XLA:CPU (jaxlib 0.10.2) hands a 2-D convolution to its YNNPACK fusion
+whenever YNNPACK accepts it, and on the study's layers YNNPACK runs the
+forward and kernel-gradient convolutions 2-3x below what Eigen (XLA:CPU's
+other convolution kernel) reaches; and it expands the ``select_and_scatter``
+that differentiates max-pooling into iotas, reduce-windows and a scatter, ~10x
+slower than elementwise code. See docs/PERFORMANCE.md for the measurements.
 
 `matmul_conv_general_dilated` is a drop-in replacement for
-``lax.conv_general_dilated`` (same signature, same values) with a custom VJP:
+``lax.conv_general_dilated`` (same signature, same values to float32
+rounding) with a custom VJP:
 
-* forward: ``lax.conv_general_dilated`` itself (already fast on CPU);
+* forward: a ``lax`` convolution whose input is padded by ``kh`` rows at the
+  bottom, then sliced back to the VALID rows. YNNPACK rejects convolutions
+  whose output is taller than their input, so this one runs on Eigen. Used
+  from 8 input channels and 6 output rows up; otherwise the plain VALID
+  ``lax`` convolution;
 * input gradient: the transposed convolution, written as a VALID convolution
   of the cotangent padded by ``kernel - 1`` with the flipped kernel (what
-  ``lax`` does, and fast on CPU);
-* kernel gradient: ``patches^T @ cotangent``, the patches being the
-  ``kh * kw`` shifted slices of the input concatenated along channels.
+  ``lax`` does; its output is taller than its input, so it runs on Eigen);
+* kernel gradient: for layers with at least 8 input channels and 3,000
+  output positions (batch x height x width), a 3-D "filter-gradient"
+  convolution over ``[N, 1, H, W, C]`` (YNNPACK takes only 2-D ones, so it runs
+  on Eigen); for smaller layers ``patches^T @ cotangent``, the patches being
+  the ``kh * kw`` shifted slices of the input concatenated along channels.
 
 It covers what the study's network uses: 2-D NHWC inputs, HWIO kernels,
 stride 1, no dilation, one feature and batch group, no
 ``preferred_element_type``, and 'VALID', 'SAME' ('SAME_LOWER') or explicit
 non-negative padding. Any other call is passed to ``lax.conv_general_dilated``
 unchanged, so the function is safe to use everywhere.
+
+`max_pool_fast` is ``flax.linen.max_pool`` for non-overlapping windows
+(stride = window, VALID) with a custom VJP that gives exactly the same
+gradient, ties included, from elementwise operations. `max_pool_for` picks
+the pooling with the same ``impl`` names as the convolution.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -36,6 +50,9 @@ from jax import lax
 ConvFn = Callable[..., jax.Array]
 
 IMPLS = ('lax', 'matmul', 'auto')
+
+# What `max_pool_for` returns: images [B, H, W, C] -> pooled images.
+PoolFn = Callable[[jax.Array], jax.Array]
 
 # NHWC input, HWIO kernel, NHWC output: the layout flax.linen.Conv passes.
 _NHWC_HWIO = lax.ConvDimensionNumbers(
@@ -65,6 +82,106 @@ def conv_general_dilated_for(impl: str) -> ConvFn:
   if impl == 'auto':
     return auto_conv_general_dilated
   raise ValueError(f'Unknown conv impl {impl!r}; expected one of {IMPLS}.')
+
+
+def max_pool_for(impl: str, window: tuple[int, int]) -> PoolFn:
+  """The non-overlapping NHWC max-pooling (stride = window, VALID) for ``impl``.
+
+  ``'lax'`` is ``flax.linen.max_pool`` (``lax.reduce_window``, whose gradient
+  is a ``select_and_scatter``); ``'matmul'`` is `max_pool_fast`; ``'auto'`` is
+  `max_pool_fast` on CPU and ``flax.linen.max_pool`` elsewhere. All three give
+  the same values and the same gradients (ties included).
+
+  Raises:
+    ValueError: ``impl`` is not one of `IMPLS`.
+  """
+  window = tuple(int(k) for k in window)
+  if impl == 'lax':
+    return functools.partial(_flax_max_pool, window=window)
+  if impl == 'matmul':
+    return functools.partial(max_pool_fast, window=window)
+  if impl == 'auto':
+    return functools.partial(_auto_max_pool, window=window)
+  raise ValueError(f'Unknown conv impl {impl!r}; expected one of {IMPLS}.')
+
+
+def _flax_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  return nn.max_pool(x, window, strides=window, padding='VALID')
+
+
+def _auto_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  if jax.default_backend() == 'cpu':
+    return max_pool_fast(x, window)
+  return _flax_max_pool(x, window)
+
+
+def max_pool_fast(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  """``nn.max_pool(x, window, strides=window)`` with a gather-free gradient.
+
+  Why: XLA:CPU expands the ``select_and_scatter`` that differentiates
+  ``reduce_window`` max into iotas, a variadic reduce-window and a scatter;
+  for the study's first block that backward pass is ~10x slower than
+  elementwise code. Here the forward is a max over the ``kh * kw`` strided
+  views of the input, and the custom VJP routes each output cotangent to the
+  *first* (row-major) maximal element of its window, which is exactly what
+  ``select_and_scatter`` with ``>=`` does, ties included. Rows and columns that
+  do not fill a window are dropped (VALID) and get a zero gradient.
+
+  Args:
+    x: [B, H, W, C] (or any rank >= 3 with the two spatial dims before the
+      last one).
+    window: (kh, kw), also the strides.
+  """
+  return _max_pool_fast(x, tuple(int(k) for k in window))
+
+
+def _pool_taps(x: jax.Array, window: tuple[int, int]) -> list[jax.Array]:
+  """The kh * kw strided views of ``x``, in row-major window order."""
+  kh, kw = window
+  *lead, h, w, c = x.shape
+  ho, wo = h // kh, w // kw
+  x = x[..., : ho * kh, : wo * kw, :].reshape(*lead, ho, kh, wo, kw, c)
+  return [x[..., :, i, :, j, :] for i in range(kh) for j in range(kw)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_fast(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  return functools.reduce(jnp.maximum, _pool_taps(x, window))
+
+
+def _max_pool_fast_fwd(
+    x: jax.Array, window: tuple[int, int]
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  y = _max_pool_fast(x, window)
+  return y, (x, y)
+
+
+def _max_pool_fast_bwd(
+    window: tuple[int, int], res: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array]:
+  x, y = res
+  kh, kw = window
+  zeros = jnp.zeros_like(g)
+  taken = None
+  grads = []
+  for tap in _pool_taps(x, window):
+    hit = tap == y
+    if taken is not None:
+      hit = hit & ~taken
+    taken = hit if taken is None else taken | hit
+    grads.append(jnp.where(hit, g, zeros))
+  *lead, ho, wo, c = g.shape
+  # [..., ho, kh, wo, kw, c] -> [..., ho * kh, wo * kw, c]
+  dx = jnp.stack(grads, axis=-2).reshape(*lead, ho, wo, kh, kw, c)
+  dx = jnp.moveaxis(dx, -3, -4).reshape(*lead, ho * kh, wo * kw, c)
+  h, w = x.shape[-3], x.shape[-2]
+  if (ho * kh, wo * kw) != (h, w):
+    pad = [(0, 0)] * len(lead) + [(0, h - ho * kh), (0, w - wo * kw), (0, 0)]
+    dx = jnp.pad(dx, pad)
+  return (dx,)
+
+
+_max_pool_fast.defvjp(_max_pool_fast_fwd, _max_pool_fast_bwd)
 
 
 def auto_conv_general_dilated(*args: Any, **kwargs: Any) -> jax.Array:
@@ -174,34 +291,84 @@ def _supported_pads(
   return tuple((int(lo), int(hi)) for lo, hi in pads)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_valid(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
-  """VALID, stride-1 NHWC x HWIO convolution."""
-  return lax.conv_general_dilated(
-      x, w, (1, 1), 'VALID', dimension_numbers=_NHWC_HWIO, precision=precision
+# Below these sizes the Eigen formulations lose to the plain ones (measured on
+# a 2-core Zen 4, see docs/PERFORMANCE.md): Eigen is slow with very few input
+# channels, the padded forward wastes ``kh`` of ``ho + kh`` output rows, and
+# the 3-D kernel gradient has a fixed cost that a small im2col matmul avoids.
+_EIGEN_MIN_IN_CHANNELS = 8
+_EIGEN_FORWARD_MIN_OUT_ROWS = 6
+_EIGEN_KERNEL_GRAD_MIN_ROWS = 3000  # batch * out_h * out_w
+
+
+def _eigen_forward(x_shape: Sequence[int], w_shape: Sequence[int]) -> bool:
+  kh, _, cin, _ = w_shape
+  out_h = x_shape[1] - kh + 1
+  return cin >= _EIGEN_MIN_IN_CHANNELS and out_h >= _EIGEN_FORWARD_MIN_OUT_ROWS
+
+
+def _eigen_kernel_grad(x_shape: Sequence[int], g_shape: Sequence[int]) -> bool:
+  rows = g_shape[0] * g_shape[1] * g_shape[2]
+  return (
+      x_shape[3] >= _EIGEN_MIN_IN_CHANNELS
+      and rows >= _EIGEN_KERNEL_GRAD_MIN_ROWS
   )
 
 
-def _conv_valid_fwd(
-    x: jax.Array, w: jax.Array, precision: Any
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  return _conv_valid(x, w, precision), (x, w)
+def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
+  """The VALID convolution, on the fastest XLA:CPU kernel for its shape.
 
-
-def _conv_valid_bwd(
-    precision: Any, res: tuple[jax.Array, jax.Array], g: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  x, w = res
-  kh, kw, cin, cout = w.shape
-  _, ho, wo, _ = g.shape
-  dx = lax.conv_general_dilated(
-      g,
-      jnp.flip(w, (0, 1)),
+  XLA:CPU (jaxlib 0.10.2) gives a 2-D convolution to YNNPACK unless its output
+  is taller than its input; YNNPACK runs these layers 2-3x slower than Eigen.
+  Padding the input's bottom by ``kh`` rows makes the output ``kh`` rows
+  taller than the VALID one (one row taller than the input), which routes it
+  to Eigen; the extra rows are sliced off. The kept rows only read real input
+  rows, so the values are those of the VALID convolution.
+  """
+  if not _eigen_forward(x.shape, w.shape):
+    return lax.conv_general_dilated(
+        x, w, (1, 1), 'VALID', dimension_numbers=_NHWC_HWIO, precision=precision
+    )
+  kh = w.shape[0]
+  out_h = x.shape[1] - kh + 1
+  y = lax.conv_general_dilated(
+      x,
+      w,
       (1, 1),
-      ((kh - 1, kh - 1), (kw - 1, kw - 1)),
-      dimension_numbers=_NHWC_HWOI,
+      ((0, kh), (0, 0)),
+      dimension_numbers=_NHWC_HWIO,
       precision=precision,
   )
+  return y[:, :out_h]
+
+
+# Kernel gradient as a 3-D "filter-gradient" convolution over [N, 1, H, W, C]:
+# the input channels play the batch, the batch plays the contracted feature,
+# and the output cotangent is the (1, ho, wo) window. XLA:CPU's YNNPACK takes
+# only 2-D convolutions, so this one runs on Eigen's cuboid convolution.
+_KERNEL_GRAD_3D = lax.ConvDimensionNumbers(
+    lhs_spec=(4, 0, 1, 2, 3),  # x[:, None]: batch = C_in, feature = N
+    rhs_spec=(4, 0, 1, 2, 3),  # g[:, None]: out = C_out, in = N
+    out_spec=(3, 4, 0, 1, 2),  # [1, kh, kw, C_in, C_out]
+)
+
+
+def _kernel_grad(
+    x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
+) -> jax.Array:
+  """dW [kh, kw, C_in, C_out] of the VALID convolution for cotangent ``g``."""
+  cin, cout = x.shape[3], g.shape[3]
+  if _eigen_kernel_grad(x.shape, g.shape):
+    dw = lax.conv_general_dilated(
+        x[:, None],
+        g[:, None],
+        (1, 1, 1),
+        'VALID',
+        dimension_numbers=_KERNEL_GRAD_3D,
+        precision=precision,
+    )
+    return dw.reshape(kh, kw, cin, cout)
+  # Small layers: one matmul of the im2col patches with the cotangent.
+  _, ho, wo, _ = g.shape
   patches = jnp.concatenate(
       [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)],
       axis=-1,
@@ -212,7 +379,39 @@ def _conv_valid_bwd(
       (((0, 1, 2), (0, 1, 2)), ((), ())),
       precision=precision,
   )
-  return dx, dw.reshape(kh, kw, cin, cout)
+  return dw.reshape(kh, kw, cin, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_valid(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
+  """VALID, stride-1 NHWC x HWIO convolution."""
+  return _forward(x, w, precision)
+
+
+def _conv_valid_fwd(
+    x: jax.Array, w: jax.Array, precision: Any
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  # Calling the custom-VJP function (not `_forward`) keeps forward-mode
+  # differentiation of the gradient an error, as documented.
+  return _conv_valid(x, w, precision), (x, w)
+
+
+def _conv_valid_bwd(
+    precision: Any, res: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  x, w = res
+  kh, kw, _, _ = w.shape
+  # The transposed convolution: its output is taller than its input, so
+  # XLA:CPU runs it on Eigen (see `_forward`).
+  dx = lax.conv_general_dilated(
+      g,
+      jnp.flip(w, (0, 1)),
+      (1, 1),
+      ((kh - 1, kh - 1), (kw - 1, kw - 1)),
+      dimension_numbers=_NHWC_HWOI,
+      precision=precision,
+  )
+  return dx, _kernel_grad(x, g, kh, kw, precision)
 
 
 _conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)

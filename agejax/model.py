@@ -43,7 +43,7 @@ class CNN(nn.Module):
       Keras: they use, and never update, their running statistics.
     bn_momentum: Decay of the BatchNorm running statistics. Keras' 0.99 needs
       a few hundred steps to settle; short runs want about 0.9.
-    conv_impl: Convolution implementation, see `agejax.conv`.
+    conv_impl: Convolution and max-pooling implementation, see `agejax.conv`.
     dtype: Computation dtype (``jnp.bfloat16`` for mixed precision). Parameters
       and BatchNorm statistics are always float32.
   """
@@ -68,6 +68,9 @@ class CNN(nn.Module):
       )
     x = x.astype(self.dtype)
     conv_fn = conv_lib.conv_general_dilated_for(self.conv_impl)
+    # Same values and gradients as nn.max_pool(x, (2, 2), strides=(2, 2));
+    # on CPU its backward pass avoids select_and_scatter (see agejax.conv).
+    max_pool = conv_lib.max_pool_for(self.conv_impl, (2, 2))
     for b, filters in enumerate(self.conv_filters, start=1):
       for c, features in enumerate(filters, start=1):
         x = nn.Conv(
@@ -80,7 +83,7 @@ class CNN(nn.Module):
         )(x)
         x = nn.relu(x)
         x = self._batch_norm(f'block{b}/bn{c}', train)(x)
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool(x)
       x = nn.Dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
     for d, units in enumerate(self.dense_units, start=1):

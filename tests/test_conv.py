@@ -29,6 +29,24 @@ _SHAPES = (
     (3, 11, 7, 5, 6, (3, 2)),
     (1, 6, 9, 4, 3, (1, 1)),
     (2, 5, 5, 3, 2, (5, 4)),
+    # Odd kernels on the Eigen forward (>= 8 input channels, >= 6 output
+    # rows) and, with >= 3000 output positions, the 3-D kernel gradient.
+    (3, 13, 9, 8, 6, (3, 2)),
+    (2, 12, 10, 9, 5, (5, 4)),
+    (40, 12, 11, 8, 4, (2, 3)),
+    (5, 30, 26, 8, 3, (4, 1)),
+)
+
+# The thresholds that pick each formulation; patching them forces one path.
+_ALL_EIGEN = dict(
+    _EIGEN_MIN_IN_CHANNELS=1,
+    _EIGEN_FORWARD_MIN_OUT_ROWS=1,
+    _EIGEN_KERNEL_GRAD_MIN_ROWS=1,
+)
+_NO_EIGEN = dict(
+    _EIGEN_MIN_IN_CHANNELS=10**9,
+    _EIGEN_FORWARD_MIN_OUT_ROWS=10**9,
+    _EIGEN_KERNEL_GRAD_MIN_ROWS=10**9,
 )
 
 
@@ -69,6 +87,39 @@ class MatmulConvTest(chex.TestCase):
     chex.assert_shape(got_y, want_y.shape)
     chex.assert_trees_all_close(got_y, want_y, rtol=_TOL, atol=_TOL)
     chex.assert_trees_all_close(got_grads, want_grads, rtol=_TOL, atol=_TOL)
+
+  @parameterized.product(
+      shape=_SHAPES,
+      padding=('VALID', 'SAME'),
+      thresholds=(_ALL_EIGEN, _NO_EIGEN),
+  )
+  def test_each_formulation_matches_lax(self, shape, padding, thresholds):
+    # Every shape through the Eigen forward + 3-D kernel gradient, and
+    # through lax's forward + the im2col kernel gradient.
+    x, k = _inputs(*shape)
+    kwargs = dict(padding=padding, dimension_numbers=_NHWC)
+    want = _vjp(lax.conv_general_dilated, x, k, **kwargs)
+    with mock.patch.multiple(conv, **thresholds):
+      got = jax.jit(
+          lambda a, b: _vjp(conv.matmul_conv_general_dilated, a, b, **kwargs)
+      )(x, k)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+
+  @parameterized.parameters(
+      # (input shape, kernel shape, Eigen forward, 3-D kernel gradient)
+      ((64, 48, 48, 1), (3, 3, 1, 32), False, False),
+      ((64, 46, 46, 32), (3, 3, 32, 64), True, True),
+      ((64, 20, 20, 128), (3, 3, 128, 128), True, True),
+      ((64, 9, 9, 128), (3, 3, 128, 128), True, True),
+      ((64, 7, 7, 128), (3, 3, 128, 256), False, False),
+      ((256, 7, 7, 128), (3, 3, 128, 256), False, True),
+  )
+  def test_study_layers_pick_the_measured_formulation(
+      self, x_shape, w_shape, eigen_forward, eigen_kernel_grad
+  ):
+    out = (x_shape[0], x_shape[1] - 2, x_shape[2] - 2, w_shape[3])
+    self.assertEqual(conv._eigen_forward(x_shape, w_shape), eigen_forward)
+    self.assertEqual(conv._eigen_kernel_grad(x_shape, out), eigen_kernel_grad)
 
   @parameterized.parameters(
       (((0, 0), (0, 0)),), (((1, 2), (0, 1)),), (((2, 2), (3, 0)),)
@@ -202,6 +253,74 @@ class MatmulConvTest(chex.TestCase):
       conv.matmul_conv_general_dilated(
           x, k[:, :, :1], (1, 1), 'VALID', dimension_numbers=_NHWC
       )
+
+
+def _pool_inputs(shape, seed=0):
+  """Values on a coarse grid (many ties) and ReLU zeros (4-way ties)."""
+  x = jnp.round(jax.random.normal(jax.random.PRNGKey(seed), shape) * 2) / 2
+  return jnp.where(x < 0, 0.0, x)
+
+
+class MaxPoolFastTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      ((2, 44, 44, 3), (2, 2)),  # the study's first pool, even
+      ((2, 18, 18, 4), (2, 2)),
+      ((2, 5, 5, 4), (2, 2)),  # odd: last row and column are dropped
+      ((3, 9, 7, 2), (2, 2)),
+      ((2, 9, 8, 3), (3, 2)),
+      ((2, 6, 6, 1), (1, 1)),
+      ((2, 7, 9), (2, 3)),  # unbatched HWC
+  )
+  def test_values_and_gradients_equal_flax_max_pool(self, shape, window):
+    # Exact equality, ties included: the gradient goes to the first
+    # (row-major) maximum of each window, as select_and_scatter's does.
+    x = _pool_inputs(shape)
+    want_y, want_pullback = jax.vjp(
+        lambda a: nn.max_pool(a, window, strides=window), x
+    )
+    g = jax.random.normal(jax.random.PRNGKey(1), want_y.shape)
+    got_y, got_dx = self.variant(
+        lambda a, b: (
+            lambda y_vjp: (y_vjp[0], y_vjp[1](b)[0])
+        )(jax.vjp(lambda c: conv.max_pool_fast(c, window), a))
+    )(x, g)
+    chex.assert_trees_all_equal(got_y, want_y)
+    chex.assert_trees_all_equal(got_dx, want_pullback(g)[0])
+
+  def test_negative_and_infinite_values(self):
+    x = jnp.array([[[[-3.0], [-jnp.inf]], [[-jnp.inf], [-3.0]]]])
+    want_y, want_pullback = jax.vjp(
+        lambda a: nn.max_pool(a, (2, 2), strides=(2, 2)), x
+    )
+    got_y, got_pullback = jax.vjp(lambda a: conv.max_pool_fast(a, (2, 2)), x)
+    g = jnp.ones_like(want_y)
+    chex.assert_trees_all_equal(got_y, want_y)
+    chex.assert_trees_all_equal(got_pullback(g), want_pullback(g))
+
+  @parameterized.parameters(
+      ('lax', 'cpu', False),
+      ('matmul', 'cpu', True),
+      ('matmul', 'gpu', True),
+      ('auto', 'cpu', True),
+      ('auto', 'gpu', False),
+      ('auto', 'tpu', False),
+  )
+  def test_max_pool_for_picks_by_impl_and_backend(self, impl, backend, fast):
+    x = _pool_inputs((2, 6, 6, 3))
+    pool = conv.max_pool_for(impl, (2, 2))
+    with mock.patch.object(jax, 'default_backend', return_value=backend):
+      jaxpr = str(jax.make_jaxpr(pool)(x))
+    self.assertEqual('custom_vjp_call' in jaxpr, fast)
+    self.assertEqual('reduce_window_max' in jaxpr, not fast)
+    chex.assert_trees_all_equal(
+        pool(x), nn.max_pool(x, (2, 2), strides=(2, 2))
+    )
+
+  def test_max_pool_for_unknown_impl_raises(self):
+    with self.assertRaisesRegex(ValueError, 'Unknown conv impl'):
+      conv.max_pool_for('im2col', (2, 2))
 
 
 class ConvGeneralDilatedForTest(parameterized.TestCase):

@@ -1,0 +1,110 @@
+"""The CPU-fast CNN (conv_impl='matmul') computes what the lax one does.
+
+`agejax.conv` replaces, on CPU, the convolution's forward pass and gradients
+and the 2x2 max-pooling's gradient by faster formulations. Each is checked
+op by op in tests/test_conv.py; here the whole study network must agree with
+``conv_impl='lax'`` (plain ``lax.conv`` and ``nn.max_pool``) to 1e-5.
+
+Why BatchNorm runs on its running statistics in the convolution comparison:
+with batch statistics the network's gradients are ill-conditioned at float32
+rounding level. Multiplying the input images by (1 + 1e-7) changes lax's own
+gradients by up to 3 % (block3/conv1, batch 24), exactly as much as switching
+the convolution does, so an elementwise 1e-5 comparison there would test
+float32, not the implementation. The max-pooling change is exact, so it is
+compared with training-mode BatchNorm as well (at batch 24).
+"""
+
+from __future__ import annotations
+
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import jax
+import jax.numpy as jnp
+
+from agejax import conv
+from agejax import model
+
+_TOL = 1e-5
+_ALL_BN = tuple(f'block{b}/bn{c}' for b in (1, 2, 3) for c in (1, 2)) + tuple(
+    f'head/bn{d}' for d in (1, 2, 3)
+)
+
+
+def _batch(batch: int) -> tuple[jax.Array, jax.Array]:
+  kx, ky = jax.random.split(jax.random.PRNGKey(1))
+  images = jax.random.uniform(kx, (batch, 48, 48, 1))
+  return images, jax.random.randint(ky, (batch,), 0, 100)
+
+
+def _step(net: model.CNN, images: jax.Array, labels: jax.Array):
+  """Loss, logits, new BatchNorm statistics and parameter gradients."""
+  variables = jax.jit(
+      lambda x: net.init(jax.random.PRNGKey(0), x, train=False)
+  )(images)
+
+  def loss_fn(params):
+    logits, updates = net.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']},
+        images,
+        train=True,
+        rngs={'dropout': jax.random.PRNGKey(3)},
+        mutable=['batch_stats'],
+    )
+    logp = jax.nn.log_softmax(logits)
+    loss = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+    return loss, (logits, updates['batch_stats'])
+
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+      variables['params']
+  )
+
+
+class CnnSpeedEquivalenceTest(parameterized.TestCase):
+
+  @parameterized.parameters(2, 24)
+  def test_matmul_training_step_equals_lax(self, batch):
+    # Batch 2 takes the im2col kernel gradient on most layers, batch 24 the
+    # 3-D (Eigen) one on the first four; both use the Eigen forward. Dropout
+    # is on; BatchNorm uses its running statistics (see module docstring).
+    images, labels = _batch(batch)
+    want = _step(
+        model.age_model(conv_impl='lax', frozen_bn=_ALL_BN), images, labels
+    )
+    got = _step(
+        model.age_model(conv_impl='matmul', frozen_bn=_ALL_BN), images, labels
+    )
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+
+  def test_fast_max_pool_training_step_equals_flax_max_pool(self):
+    # Training-mode BatchNorm, lax convolutions: only the pooling differs.
+    # (Not at batch 2: there, batch statistics over two images amplify the
+    # last-bit differences of XLA fusing the two programs differently to
+    # ~1e-4 in the logits although the pooling's values are identical.)
+    images, labels = _batch(24)
+    net = model.age_model(conv_impl='lax')
+    want = _step(net, images, labels)
+    max_pool_for = conv.max_pool_for
+    fast = lambda impl, window: max_pool_for('matmul', window)
+    with mock.patch.object(conv, 'max_pool_for', fast):
+      got = _step(net, images, labels)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+
+  def test_matmul_eval_logits_equal_lax(self):
+    images, _ = _batch(24)
+    logits = {}
+    for impl in ('lax', 'matmul'):
+      net = model.age_model(conv_impl=impl)
+      variables = net.init(jax.random.PRNGKey(0), images, train=False)
+      logits[impl] = jax.jit(lambda v, x: net.apply(v, x, train=False))(
+          variables, images
+      )
+    chex.assert_trees_all_close(
+        logits['matmul'], logits['lax'], rtol=_TOL, atol=_TOL
+    )
+
+
+if __name__ == '__main__':
+  absltest.main()
