@@ -115,13 +115,14 @@ def _restore(
     ) from e
   restored = restored[item]
   wrong = [
-      f'{jax.tree_util.keystr(path)}: {np.shape(got)} {np.result_type(got)}'
+      f'{jax.tree_util.keystr(path)}: {np.shape(got)} {jax.numpy.result_type(got)}'
       f' in checkpoint, {want.shape} {want.dtype} expected'
       for (path, got), want in zip(
           jax.tree_util.tree_leaves_with_path(restored),
           jax.tree_util.tree_leaves(abstract),
       )
-      if np.shape(got) != tuple(want.shape) or np.result_type(got) != want.dtype
+      if np.shape(got) != tuple(want.shape)
+      or jax.numpy.result_type(got) != want.dtype
   ]
   if wrong:
     raise CheckpointError(
