@@ -88,8 +88,8 @@ def start_stage(
   return state.replace(apply_fn=model.apply, tx=tx, opt_state=opt_state)
 
 
-def _images(batch: Batch, dtype=jnp.float32) -> jax.Array:
-  return batch['image'].astype(dtype) / 255.0
+def _images(batch: Batch) -> jax.Array:
+  return batch['image'].astype(jnp.float32) / 255.0
 
 
 def _train_step(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import pathlib
 import time
 from typing import Any, Callable, Mapping
@@ -143,9 +144,19 @@ def train_and_evaluate(
         f' same flags, or choose a new --workdir. Saved: {workdir / "config.json"}.'
     )
 
-  variables, report = initial_variables(config, log)
-  if report is not None:
-    run_logging.write_json(workdir / 'transfer_report.json', report.to_dict())
+  if progress is None:
+    variables, report = initial_variables(config, log)
+    transfer_report = None if report is None else report.to_dict()
+    if transfer_report is not None:
+      run_logging.write_json(workdir / 'transfer_report.json', transfer_report)
+  else:
+    # The checkpoint replaces every value: only the structure is needed, so
+    # the transfer is not redone; its report was saved by the first run.
+    variables = steps.init_variables(
+        jax.random.key(0), model_config.build(), model_config.input_shape
+    )
+    saved = workdir / 'transfer_report.json'
+    transfer_report = json.loads(saved.read_text()) if saved.exists() else None
   run_logging.write_json(workdir / 'config.json', run_config)
 
   if progress is None:
@@ -261,7 +272,7 @@ def train_and_evaluate(
       'epochs_done': max(done, last),
       'epochs_planned': len(plan),
       'history': history,
-      'transfer': None if report is None else report.to_dict(),
+      'transfer': transfer_report,
   }
   for split in ('validation', 'test'):
     if split in data:
