@@ -35,6 +35,12 @@ unchanged, so the function is safe to use everywhere.
 (stride = window, VALID) with a custom VJP that gives exactly the same
 gradient, ties included, from elementwise operations. `max_pool_for` picks
 the pooling with the same ``impl`` names as the convolution.
+
+Inference is different: with no backward pass, XLA:CPU gives the whole
+forward network (convolutions, bias, ReLU, BatchNorm on running statistics,
+pooling, the first dense layer) to YNNPACK as one fused graph, which runs it
+near the machine's matmul peak from batch 128 up. `resolve_impl` therefore
+maps ``'auto'`` to ``'lax'`` for inference batches of that size.
 """
 
 from __future__ import annotations
@@ -62,6 +68,41 @@ _NHWC_HWIO = lax.ConvDimensionNumbers(
 _NHWC_HWOI = lax.ConvDimensionNumbers(
     lhs_spec=(0, 3, 1, 2), rhs_spec=(2, 3, 0, 1), out_spec=(0, 3, 1, 2)
 )
+
+
+# From this batch size up, XLA:CPU's fused YNNPACK inference graph (plain
+# ``lax`` convolutions and ``reduce_window`` pooling) beats the Eigen-routed
+# forward: 650-725 vs 480-520 images/s at batch 128-512, but 380 vs 500 at
+# batch 64 (2-core Zen 4, docs/PERFORMANCE.md).
+_YNN_INFERENCE_MIN_BATCH = 128
+
+
+def resolve_impl(impl: str, *, train: bool, batch_size: int) -> str:
+  """The implementation ``'auto'`` stands for in one forward pass.
+
+  Off the CPU, ``'lax'``. On the CPU, ``'matmul'`` for training (its custom
+  VJP is the fast backward pass) and for small inference batches, ``'lax'``
+  for inference batches of at least 128 (see the module docstring).
+  ``'lax'`` and ``'matmul'`` are returned as they are. All choices give the
+  same values up to float32 rounding.
+
+  Args:
+    impl: One of `IMPLS`.
+    train: Whether the pass will be differentiated (training mode).
+    batch_size: Leading dimension of the input, as traced.
+
+  Raises:
+    ValueError: ``impl`` is not one of `IMPLS`.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f'Unknown conv impl {impl!r}; expected one of {IMPLS}.')
+  if impl != 'auto':
+    return impl
+  if jax.default_backend() != 'cpu':
+    return 'lax'
+  if not train and batch_size >= _YNN_INFERENCE_MIN_BATCH:
+    return 'lax'
+  return 'matmul'
 
 
 def conv_general_dilated_for(impl: str) -> ConvFn:

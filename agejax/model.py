@@ -43,7 +43,9 @@ class CNN(nn.Module):
       Keras: they use, and never update, their running statistics.
     bn_momentum: Decay of the BatchNorm running statistics. Keras' 0.99 needs
       a few hundred steps to settle; short runs want about 0.9.
-    conv_impl: Convolution and max-pooling implementation, see `agejax.conv`.
+    conv_impl: Convolution and max-pooling implementation (``'auto'``,
+      ``'lax'`` or ``'matmul'``), resolved per pass by
+      `agejax.conv.resolve_impl`.
     dtype: Computation dtype (``jnp.bfloat16`` for mixed precision). Parameters
       and BatchNorm statistics are always float32.
   """
@@ -67,10 +69,13 @@ class CNN(nn.Module):
           f' shape {x.shape}.'
       )
     x = x.astype(self.dtype)
-    conv_fn = conv_lib.conv_general_dilated_for(self.conv_impl)
+    impl = conv_lib.resolve_impl(
+        self.conv_impl, train=train, batch_size=x.shape[0]
+    )
+    conv_fn = conv_lib.conv_general_dilated_for(impl)
     # Same values and gradients as nn.max_pool(x, (2, 2), strides=(2, 2));
     # on CPU its backward pass avoids select_and_scatter (see agejax.conv).
-    max_pool = conv_lib.max_pool_for(self.conv_impl, (2, 2))
+    max_pool = conv_lib.max_pool_for(impl, (2, 2))
     for b, filters in enumerate(self.conv_filters, start=1):
       for c, features in enumerate(filters, start=1):
         x = nn.Conv(

@@ -340,6 +340,28 @@ class ConvGeneralDilatedForTest(parameterized.TestCase):
       )
     self.assertEqual(got, want_matmul)
 
+  @parameterized.parameters(
+      # impl, backend, train, batch_size, resolved
+      ('lax', 'cpu', True, 64, 'lax'),
+      ('lax', 'cpu', False, 512, 'lax'),
+      ('matmul', 'cpu', False, 512, 'matmul'),
+      ('matmul', 'gpu', True, 64, 'matmul'),
+      ('auto', 'cpu', True, 64, 'matmul'),
+      ('auto', 'cpu', True, 512, 'matmul'),
+      ('auto', 'cpu', False, 127, 'matmul'),
+      ('auto', 'cpu', False, 128, 'lax'),
+      ('auto', 'gpu', True, 64, 'lax'),
+      ('auto', 'tpu', False, 8, 'lax'),
+  )
+  def test_resolve_impl(self, impl, backend, train, batch_size, want):
+    with mock.patch.object(jax, 'default_backend', return_value=backend):
+      got = conv.resolve_impl(impl, train=train, batch_size=batch_size)
+    self.assertEqual(got, want)
+
+  def test_resolve_impl_unknown_raises(self):
+    with self.assertRaisesRegex(ValueError, 'Unknown conv impl'):
+      conv.resolve_impl('im2col', train=False, batch_size=256)
+
   @parameterized.parameters('', 'Lax', 'im2col', 'cuda')
   def test_unknown_impl_raises(self, impl):
     with self.assertRaisesRegex(ValueError, 'Unknown conv impl'):

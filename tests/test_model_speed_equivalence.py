@@ -105,6 +105,23 @@ class CnnSpeedEquivalenceTest(parameterized.TestCase):
         logits['matmul'], logits['lax'], rtol=_TOL, atol=_TOL
     )
 
+  @parameterized.parameters((24, True), (128, False))
+  def test_auto_eval_resolves_by_batch_and_equals_lax(self, batch, custom):
+    # On CPU, 'auto' inference takes the matmul path below batch 128 and
+    # plain lax (one fused YNNPACK graph) from 128 up; values agree either way.
+    images, _ = _batch(batch)
+    net = model.age_model(conv_impl='auto')
+    variables = net.init(jax.random.PRNGKey(0), images[:1], train=False)
+    apply = lambda v, x: net.apply(v, x, train=False)
+    jaxpr = str(jax.make_jaxpr(apply)(variables, images))
+    self.assertEqual('custom_vjp_call' in jaxpr, custom)
+    want = jax.jit(
+        lambda v, x: model.age_model(conv_impl='lax').apply(v, x, train=False)
+    )(variables, images)
+    chex.assert_trees_all_close(
+        jax.jit(apply)(variables, images), want, rtol=_TOL, atol=_TOL
+    )
+
 
 if __name__ == '__main__':
   absltest.main()
