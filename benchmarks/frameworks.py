@@ -15,7 +15,7 @@ Keras and PyTorch are benchmark-only extras (benchmarks/requirements-bench.txt),
 never agejax dependencies. Run from the repository root:
 
   bench-venv/bin/python -m benchmarks.frameworks \
-      --frameworks=agejax-lax,agejax-matmul,torch,keras --batch_sizes=64,256
+      --frameworks=agejax-auto,agejax-scan,torch,keras --batch_sizes=64,256
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ IMAGE_SHAPE = (48, 48, 1)
 CONV_FILTERS = ((32, 64), (128, 128), (128, 256))
 DENSE_UNITS = (512, 512, 256)
 EXPECTED_PARAMS = 1_635_556
-FRAMEWORKS = ('agejax-lax', 'agejax-matmul', 'torch', 'keras')
+FRAMEWORKS = (
+    'agejax-auto', 'agejax-scan', 'agejax-lax', 'agejax-matmul', 'torch', 'keras'
+)
 
 _FRAMEWORKS = flags.DEFINE_list(
     'frameworks', list(FRAMEWORKS), f'Subset of {FRAMEWORKS}.'
@@ -48,11 +50,15 @@ _EVAL_BATCH_SIZE = flags.DEFINE_integer(
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats per row.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Steps per timed repeat.')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps before timing.')
+_SCAN_BATCHES = flags.DEFINE_integer(
+    'scan_batches', 4, 'Batches per agejax-scan epoch (one compiled call).'
+)
 
 # A measurement: 'train' or 'eval', and a batch size.
 Case = tuple[str, int]
-# Builds, for a case, a function that runs one step and waits for it.
-StepBuilder = Callable[[Case], Callable[[], None]]
+# Builds, for a case, a function that runs one step and waits for it, and the
+# number of batches that one call processes (1, or a whole scanned epoch).
+StepBuilder = Callable[[Case], tuple[Callable[[], None], int]]
 
 
 def _random_batch(batch_size: int, seed: int = 0) -> tuple[Any, Any]:
@@ -64,8 +70,14 @@ def _random_batch(batch_size: int, seed: int = 0) -> tuple[Any, Any]:
   return images, labels
 
 
-def _agejax_builder(conv_impl: str) -> StepBuilder:
-  """agejax's own model and jitted train/eval steps (agejax.steps)."""
+def _agejax_builder(variant: str, scan_batches: int) -> StepBuilder:
+  """agejax's own model and jitted steps (agejax.steps).
+
+  ``variant`` is a ``conv_impl`` (``'auto'``, ``'lax'``, ``'matmul'``) for
+  per-step training (`steps.train_step`), or ``'scan'``: ``'auto'`` with
+  training as `steps.train_epoch`, ``scan_batches`` batches of a
+  device-resident dataset per compiled call. Evaluation is `steps.eval_step`.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -76,7 +88,7 @@ def _agejax_builder(conv_impl: str) -> StepBuilder:
       num_classes=NUM_CLASSES,
       conv_filters=CONV_FILTERS,
       dense_units=DENSE_UNITS,
-      conv_impl=conv_impl,
+      conv_impl='auto' if variant == 'scan' else variant,
   )
   stage = config_lib.StageConfig(name='bench', epochs=1, learning_rate=1e-3)
   variables = steps.init_variables(
@@ -85,7 +97,7 @@ def _agejax_builder(conv_impl: str) -> StepBuilder:
   n_params = sum(int(np.size(v)) for v in jax.tree.leaves(variables))
   _check_params('agejax', n_params)
 
-  def build(case: Case) -> Callable[[], None]:
+  def build(case: Case) -> tuple[Callable[[], None], int]:
     mode, batch_size = case
     images, labels = _random_batch(batch_size)
     batch = jax.device_put({
@@ -97,6 +109,16 @@ def _agejax_builder(conv_impl: str) -> StepBuilder:
     fresh = jax.tree.map(jax.numpy.copy, variables)
     state = [steps.create_train_state(model_config, stage, fresh)]
     rng = jax.random.PRNGKey(1)
+    if mode == 'train' and variant == 'scan':
+      images, labels = jax.device_put(_random_batch(scan_batches * batch_size))
+
+      def run() -> None:
+        state[0], out = steps.train_epoch(
+            state[0], images, labels, rng, batch_size=batch_size
+        )
+        jax.block_until_ready(out)
+
+      return run, scan_batches
     if mode == 'train':
 
       def run() -> None:
@@ -108,7 +130,7 @@ def _agejax_builder(conv_impl: str) -> StepBuilder:
       def run() -> None:
         jax.block_until_ready(steps.eval_step(state[0], batch))
 
-    return run
+    return run, 1
 
   return build
 
@@ -140,7 +162,7 @@ def _torch_builder() -> StepBuilder:
   opt = torch.optim.Adam(model.parameters(), lr=1e-3)
   loss_fn = nn.CrossEntropyLoss()
 
-  def build(case: Case) -> Callable[[], None]:
+  def build(case: Case) -> tuple[Callable[[], None], int]:
     mode, batch_size = case
     images, labels = _random_batch(batch_size)
     x = (
@@ -167,7 +189,7 @@ def _torch_builder() -> StepBuilder:
           loss_fn(logits, y).item()
           (logits.argmax(-1) == y).sum().item()
 
-    return run
+    return run, 1
 
   return build
 
@@ -206,12 +228,12 @@ def _keras_builder() -> StepBuilder:
       jit_compile=False,
   )
 
-  def build(case: Case) -> Callable[[], None]:
+  def build(case: Case) -> tuple[Callable[[], None], int]:
     mode, batch_size = case
     images, labels = _random_batch(batch_size)
     if mode == 'train':
-      return lambda: model.train_on_batch(images, labels)
-    return lambda: model.test_on_batch(images, labels)
+      return lambda: model.train_on_batch(images, labels), 1
+    return lambda: model.test_on_batch(images, labels), 1
 
   return build
 
@@ -223,9 +245,9 @@ def _check_params(name: str, n_params: int) -> None:
     )
 
 
-def _builder(framework: str) -> StepBuilder:
+def _builder(framework: str, scan_batches: int) -> StepBuilder:
   if framework.startswith('agejax-'):
-    return _agejax_builder(framework.removeprefix('agejax-'))
+    return _agejax_builder(framework.removeprefix('agejax-'), scan_batches)
   if framework == 'torch':
     return _torch_builder()
   if framework == 'keras':
@@ -233,20 +255,23 @@ def _builder(framework: str) -> StepBuilder:
   raise ValueError(f'Unknown framework {framework!r}; expected {FRAMEWORKS}.')
 
 
-def _worker(framework: str, conn: Any, steps: int, warmup: int) -> None:
-  """Serves timing requests: receives a case, answers images/s (or None)."""
-  build = _builder(framework)
-  runs: dict[Case, Callable[[], None]] = {}
+def _worker(
+    framework: str, conn: Any, steps: int, warmup: int, scan_batches: int
+) -> None:
+  """Serves timing requests: receives a case, answers images/s."""
+  build = _builder(framework, scan_batches)
+  runs: dict[Case, tuple[Callable[[], None], int]] = {}
   conn.send('ready')
   while (case := conn.recv()) is not None:
     if case not in runs:
       runs[case] = build(case)
       for _ in range(warmup):
-        runs[case]()
+        runs[case][0]()
+    run, batches = runs[case]
     start = time.perf_counter()
     for _ in range(steps):
-      runs[case]()
-    conn.send(steps * case[1] / (time.perf_counter() - start))
+      run()
+    conn.send(steps * batches * case[1] / (time.perf_counter() - start))
 
 
 def measure(
@@ -255,13 +280,16 @@ def measure(
     repeats: int,
     steps: int,
     warmup: int,
+    scan_batches: int = 4,
 ) -> dict[tuple[str, Case], float]:
   """Median images/s per (framework, case), repeats interleaved round-robin."""
   ctx = mp.get_context('spawn')
   workers = {}
   for fw in frameworks:
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_worker, args=(fw, child, steps, warmup))
+    proc = ctx.Process(
+        target=_worker, args=(fw, child, steps, warmup, scan_batches)
+    )
     proc.start()
     workers[fw] = (proc, parent)
   for _, conn in workers.values():
@@ -316,7 +344,12 @@ def main(argv: Sequence[str]) -> None:
   if _EVAL_BATCH_SIZE.value:
     cases.append(('eval', _EVAL_BATCH_SIZE.value))
   results = measure(
-      frameworks, cases, _REPEATS.value, _STEPS.value, _WARMUP.value
+      frameworks,
+      cases,
+      _REPEATS.value,
+      _STEPS.value,
+      _WARMUP.value,
+      _SCAN_BATCHES.value,
   )
   print(f'images/s, median of {_REPEATS.value} x {_STEPS.value} steps')
   print(format_table(frameworks, cases, results))
