@@ -35,7 +35,13 @@ CONV_FILTERS = ((32, 64), (128, 128), (128, 256))
 DENSE_UNITS = (512, 512, 256)
 EXPECTED_PARAMS = 1_635_556
 FRAMEWORKS = (
-    'agejax-auto', 'agejax-scan', 'agejax-lax', 'agejax-matmul', 'torch', 'keras'
+    'agejax-auto',
+    'agejax-scan',
+    'agejax-bf16',
+    'agejax-lax',
+    'agejax-matmul',
+    'torch',
+    'keras',
 )
 
 _FRAMEWORKS = flags.DEFINE_list(
@@ -74,9 +80,10 @@ def _agejax_builder(variant: str, scan_batches: int) -> StepBuilder:
   """agejax's own model and jitted steps (agejax.steps).
 
   ``variant`` is a ``conv_impl`` (``'auto'``, ``'lax'``, ``'matmul'``) for
-  per-step training (`steps.train_step`), or ``'scan'``: ``'auto'`` with
+  per-step training (`steps.train_step`); ``'scan'``: ``'auto'`` with
   training as `steps.train_epoch`, ``scan_batches`` batches of a
-  device-resident dataset per compiled call. Evaluation is `steps.eval_step`.
+  device-resident dataset per compiled call; or ``'bf16'``: ``'auto'`` with
+  bfloat16 compute (float32 parameters). Evaluation is `steps.eval_step`.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -88,7 +95,8 @@ def _agejax_builder(variant: str, scan_batches: int) -> StepBuilder:
       num_classes=NUM_CLASSES,
       conv_filters=CONV_FILTERS,
       dense_units=DENSE_UNITS,
-      conv_impl='auto' if variant == 'scan' else variant,
+      conv_impl='auto' if variant in ('scan', 'bf16') else variant,
+      dtype='bfloat16' if variant == 'bf16' else 'float32',
   )
   stage = config_lib.StageConfig(name='bench', epochs=1, learning_rate=1e-3)
   variables = steps.init_variables(
