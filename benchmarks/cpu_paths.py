@@ -1,0 +1,148 @@
+"""Microbenchmarks behind agejax.conv's CPU choices (docs/PERFORMANCE.md).
+
+Why: `agejax.conv` picks, per pass, between plain ``lax`` convolutions and its
+custom-VJP ``'matmul'`` path. These measurements are the evidence for those
+choices and for the training-speed ceiling, so they live here, runnable:
+
+  python -m benchmarks.cpu_paths --what=peak
+      XLA:CPU's fp32 matmul throughput (GFLOP/s), the machine's ceiling.
+  python -m benchmarks.cpu_paths --what=layers --batch_size=64
+      Each study convolution layer, forward and forward + both gradients, as
+      ``lax``, agejax's ``'matmul'`` path (whose backward is Winograd's from
+      64 input channels up) and `agejax.conv.winograd_conv_valid` in both
+      directions, with the Winograd error against ``lax``.
+  python -m benchmarks.cpu_paths --what=eval --batch_sizes=64,128,256,512
+      `agejax.steps.eval_step` of the study's age network with
+      ``conv_impl='matmul'`` vs ``'lax'``, interleaved in one process: where
+      `agejax.conv.resolve_impl` switches inference to ``lax``.
+
+Times are the minimum (layers) or median (eval) of ``--repeats`` runs after
+one warm-up; run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+
+from agejax import config as config_lib
+from agejax import conv
+from agejax import steps
+
+_WHAT = flags.DEFINE_enum('what', 'layers', ['peak', 'layers', 'eval'], 'Which measurement.')
+_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size for --what=layers.')
+_BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['64', '128', '256', '512'], 'Batch sizes for --what=eval.')
+_REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed repeats.')
+
+# The study network's convolutions: (input height = width, C_in, C_out).
+LAYERS = ((48, 1, 32), (46, 32, 64), (22, 64, 128), (20, 128, 128), (9, 128, 128), (7, 128, 256))
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _time(fn: Callable[..., Any], *args: Any, repeats: int) -> list[float]:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def lax_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+  return lax.conv_general_dilated(x, w, (1, 1), 'VALID', dimension_numbers=_NHWC)
+
+
+def agejax_conv(x: jax.Array, w: jax.Array) -> jax.Array:
+  return conv.matmul_conv_general_dilated(x, w, (1, 1), 'VALID', dimension_numbers=_NHWC)
+
+
+def _peak(repeats: int) -> None:
+  print('| matmul (fp32) | ms | GFLOP/s |\n|---|---|---|')
+  for m, k, n in ((2048, 2048, 2048), (30976, 288, 64), (288, 30976, 64), (30976, 64, 288)):
+    a, b = jnp.ones((m, k)), jnp.ones((k, n))
+    t = min(_time(jax.jit(jnp.dot), a, b, repeats=repeats))
+    print(f'| {m}x{k} @ {k}x{n} | {t * 1e3:.1f} | {2 * m * k * n / t / 1e9:.0f} |')
+
+
+def _layers(batch_size: int, repeats: int) -> None:
+  rng = np.random.default_rng(0)
+  impls = (('lax', lax_conv), ('agejax', agejax_conv), ('winograd', conv.winograd_conv_valid))
+  print(
+      f'batch {batch_size}, ms (min of {repeats}); winograd error = max |diff| / max |lax|'
+      ' (output, input grad, kernel grad)'
+  )
+  print(
+      '| layer | ' + ' | '.join(f'{name} fwd | {name} fwd+grads' for name, _ in impls)
+      + ' | winograd error |'
+  )
+  print('|---' * (2 * len(impls) + 2) + '|')
+  for hw, cin, cout in LAYERS:
+    x = jnp.asarray(rng.standard_normal((batch_size, hw, hw, cin)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
+    r = jnp.asarray(rng.standard_normal((batch_size, hw - 2, hw - 2, cout)), jnp.float32)
+    cells = []
+    outs = {}
+    for name, fn in impls:
+      grads = jax.jit(jax.value_and_grad(lambda x, w, fn=fn: jnp.sum(fn(x, w) * r), argnums=(0, 1)))
+      outs[name] = (jax.jit(fn)(x, w), *grads(x, w)[1])
+      cells.append(min(_time(jax.jit(fn), x, w, repeats=repeats)))
+      cells.append(min(_time(grads, x, w, repeats=repeats)))
+    err = [
+        float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+        for a, b in zip(outs['lax'], outs['winograd'])
+    ]
+    print(
+        f'| {hw}x{hw}x{cin} -> {cout} | ' + ' | '.join(f'{t * 1e3:.1f}' for t in cells)
+        + ' | ' + ', '.join(f'{e:.0e}' for e in err) + ' |',
+        flush=True,
+    )
+
+
+def _eval(batch_sizes: Sequence[int], repeats: int) -> None:
+  print(f'images/s, steps.eval_step, median of {repeats} interleaved\n| batch | matmul | lax |\n|---|---|---|')
+  rng = np.random.default_rng(0)
+  for batch_size in batch_sizes:
+    batch = jax.device_put({
+        'image': rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8),
+        'label': rng.integers(0, 100, (batch_size,), dtype=np.int32),
+        'mask': np.ones((batch_size,), bool),
+    })
+    states = {}
+    for impl in ('matmul', 'lax'):
+      model_config = config_lib.ModelConfig(conv_impl=impl)
+      stage = config_lib.StageConfig(name='bench', epochs=1, learning_rate=1e-3)
+      variables = steps.init_variables(jax.random.PRNGKey(0), model_config.build(), (48, 48, 1))
+      states[impl] = steps.create_train_state(model_config, stage, variables)
+      jax.block_until_ready(steps.eval_step(states[impl], batch))
+    times = {impl: [] for impl in states}
+    for _ in range(repeats):
+      for impl, state in states.items():
+        start = time.perf_counter()
+        jax.block_until_ready(steps.eval_step(state, batch))
+        times[impl].append(time.perf_counter() - start)
+    cells = [f'{batch_size / statistics.median(times[impl]):.0f}' for impl in states]
+    print(f'| {batch_size} | ' + ' | '.join(cells) + ' |', flush=True)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _WHAT.value == 'peak':
+    _peak(_REPEATS.value)
+  elif _WHAT.value == 'layers':
+    _layers(_BATCH_SIZE.value, _REPEATS.value)
+  else:
+    _eval([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
