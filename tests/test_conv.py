@@ -42,12 +42,16 @@ _ALL_EIGEN = dict(
     _EIGEN_MIN_IN_CHANNELS=1,
     _EIGEN_FORWARD_MIN_OUT_ROWS=1,
     _EIGEN_KERNEL_GRAD_MIN_ROWS=1,
+    _WINOGRAD_MIN_IN_CHANNELS=10**9,
 )
 _NO_EIGEN = dict(
     _EIGEN_MIN_IN_CHANNELS=10**9,
     _EIGEN_FORWARD_MIN_OUT_ROWS=10**9,
     _EIGEN_KERNEL_GRAD_MIN_ROWS=10**9,
+    _WINOGRAD_MIN_IN_CHANNELS=10**9,
 )
+# Winograd backward on every 3x3 layer (other kernels keep the Eigen paths).
+_ALL_WINOGRAD = dict(_WINOGRAD_MIN_IN_CHANNELS=1)
 
 
 def _inputs(b, h, w, cin, cout, kernel, seed=0):
@@ -91,11 +95,12 @@ class MatmulConvTest(chex.TestCase):
   @parameterized.product(
       shape=_SHAPES,
       padding=('VALID', 'SAME'),
-      thresholds=(_ALL_EIGEN, _NO_EIGEN),
+      thresholds=(_ALL_EIGEN, _NO_EIGEN, _ALL_WINOGRAD),
   )
   def test_each_formulation_matches_lax(self, shape, padding, thresholds):
-    # Every shape through the Eigen forward + 3-D kernel gradient, and
-    # through lax's forward + the im2col kernel gradient.
+    # Every shape through the Eigen forward + 3-D kernel gradient, through
+    # lax's forward + the im2col kernel gradient, and (3x3 kernels) through
+    # the Winograd backward pass.
     x, k = _inputs(*shape)
     kwargs = dict(padding=padding, dimension_numbers=_NHWC)
     want = _vjp(lax.conv_general_dilated, x, k, **kwargs)
@@ -120,6 +125,42 @@ class MatmulConvTest(chex.TestCase):
     out = (x_shape[0], x_shape[1] - 2, x_shape[2] - 2, w_shape[3])
     self.assertEqual(conv._eigen_forward(x_shape, w_shape), eigen_forward)
     self.assertEqual(conv._eigen_kernel_grad(x_shape, out), eigen_kernel_grad)
+
+  @parameterized.parameters(
+      # (kernel shape, dtype, Winograd backward)
+      ((3, 3, 1, 32), jnp.float32, False),
+      ((3, 3, 32, 64), jnp.float32, False),
+      ((3, 3, 64, 128), jnp.float32, True),
+      ((3, 3, 128, 256), jnp.float32, True),
+      ((3, 3, 128, 256), jnp.bfloat16, False),
+      ((3, 2, 128, 128), jnp.float32, False),
+  )
+  def test_winograd_backward_only_where_measured_faster(
+      self, w_shape, dtype, want
+  ):
+    self.assertEqual(conv._winograd_backward(jnp.zeros(w_shape, dtype)), want)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      (2, 22, 22, 64, 128),
+      (2, 7, 7, 128, 256),
+      (3, 3, 3, 4, 5),  # a single output position
+      (2, 8, 5, 3, 2),  # odd output width, non-square
+      (1, 10, 13, 2, 3),  # odd output height
+  )
+  def test_winograd_conv_valid_matches_lax(self, b, h, w, cin, cout):
+    x, k = _inputs(b, h, w, cin, cout, (3, 3))
+    fast = lambda a, b, strides: conv.winograd_conv_valid(a, b)
+    want = _vjp(
+        lax.conv_general_dilated, x, k, padding='VALID', dimension_numbers=_NHWC
+    )
+    got = self.variant(lambda a, b: _vjp(fast, a, b))(x, k)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+
+  def test_winograd_conv_valid_needs_3x3(self):
+    x, k = _inputs(1, 6, 6, 2, 3, (3, 2))
+    with self.assertRaisesRegex(ValueError, '3x3 kernel'):
+      conv.winograd_conv_valid(x, k)
 
   @parameterized.parameters(
       (((0, 0), (0, 0)),), (((1, 2), (0, 1)),), (((2, 2), (3, 0)),)
