@@ -28,6 +28,7 @@ import math
 import os
 import pathlib
 import platform
+import shlex
 from typing import Any, Mapping, Sequence
 
 from absl import app
@@ -600,6 +601,7 @@ def commands_section(study: Study, options: Options) -> str:
       f' --schedule={options.schedule} --figures={",".join(options.figures)}'
       + ''.join(f' --extra_flags={f}' for f in options.extra_flags)
       + (f' --discussion={options.discussion_file}' if options.discussion_file else '')
+      + f' --hardware_note={shlex.quote(options.hardware_note)}'
   )
   return '\n'.join([
       '## Commands',
