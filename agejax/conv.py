@@ -25,10 +25,9 @@ rounding) with a custom VJP:
   on Eigen); for smaller layers ``patches^T @ cotangent``, the patches being
   the ``kh * kw`` shifted slices of the input concatenated along channels;
 * both gradients of float32 3x3 layers with at least 64 input channels: the
-  VJP of `winograd_conv_valid` (Winograd F(2x2, 3x3)), 16 batched matmuls per
-  gradient instead of 36 multiply-adds per output position, which beats the
-  Eigen gradients by 1.3-2x on those layers (fewer input channels lose
-  accuracy and speed).
+  VJP of `winograd_conv_valid` (Winograd F(2x2, 3x3): 16 multiplications per
+  2x2 output tile instead of 36), which beats the Eigen gradients by 1.2-2x on
+  those layers (with fewer input channels it loses speed and accuracy).
 
 It covers what the study's network uses: 2-D NHWC inputs, HWIO kernels,
 stride 1, no dilation, one feature and batch group, no
@@ -77,8 +76,8 @@ _NHWC_HWOI = lax.ConvDimensionNumbers(
 
 # From this batch size up, XLA:CPU's fused YNNPACK inference graph (plain
 # ``lax`` convolutions and ``reduce_window`` pooling) beats the Eigen-routed
-# forward: 650-725 vs 480-520 images/s at batch 128-512, but 380 vs 500 at
-# batch 64 (2-core Zen 4, docs/PERFORMANCE.md).
+# forward: 535-725 vs 459-520 images/s at batch 128-512, but 316-387 vs
+# 477-500 at batch 64 (2-core Zen 4, docs/PERFORMANCE.md).
 _YNN_INFERENCE_MIN_BATCH = 128
 
 
