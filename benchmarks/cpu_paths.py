@@ -15,16 +15,25 @@ choices and for the training-speed ceiling, so they live here, runnable:
       `agejax.steps.eval_step` of the study's age network with
       ``conv_impl='matmul'`` vs ``'lax'``, interleaved in one process: where
       `agejax.conv.resolve_impl` switches inference to ``lax``.
+  python -m benchmarks.cpu_paths --what=train --batch_sizes=64,256
+      `agejax.steps.train_step`, interleaved in one process, as shipped and
+      with one choice undone: without the Winograd backward pass, with the
+      forward on YNNPACK (no Eigen padding), with YNNPACK off for the step.
+  python -m benchmarks.cpu_paths --what=flops
+      XLA's cost analysis of `train_step` and `eval_step`, FLOPs per image,
+      with direct (``lax``) convolutions and as agejax runs them (``auto``).
 
-Times are the minimum (layers) or median (eval) of ``--repeats`` runs after
-one warm-up; run it on an otherwise idle machine.
+Times are the minimum (layers) or median (eval, train) of ``--repeats`` runs
+after warm-up; run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
+from unittest import mock
 
 from absl import app
 from absl import flags
@@ -37,9 +46,13 @@ from agejax import config as config_lib
 from agejax import conv
 from agejax import steps
 
-_WHAT = flags.DEFINE_enum('what', 'layers', ['peak', 'layers', 'eval'], 'Which measurement.')
+_WHAT = flags.DEFINE_enum(
+    'what', 'layers', ['peak', 'layers', 'eval', 'train', 'flops'], 'Which measurement.'
+)
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size for --what=layers.')
-_BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['64', '128', '256', '512'], 'Batch sizes for --what=eval.')
+_BATCH_SIZES = flags.DEFINE_list(
+    'batch_sizes', ['64', '128', '256', '512'], 'Batch sizes for --what=eval and --what=train.'
+)
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed repeats.')
 
 # The study network's convolutions: (input height = width, C_in, C_out).
@@ -107,30 +120,95 @@ def _layers(batch_size: int, repeats: int) -> None:
     )
 
 
+def _batch(batch_size: int, rng: np.random.Generator) -> dict[str, jax.Array]:
+  return jax.device_put({
+      'image': rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8),
+      'label': rng.integers(0, 100, (batch_size,), dtype=np.int32),
+      'mask': np.ones((batch_size,), bool),
+  })
+
+
+def _state(conv_impl: str = 'auto') -> steps.TrainState:
+  """A fresh train state of the study's age network."""
+  model_config = config_lib.ModelConfig(conv_impl=conv_impl)
+  stage = config_lib.StageConfig(name='bench', epochs=1, learning_rate=1e-3)
+  variables = steps.init_variables(jax.random.PRNGKey(0), model_config.build(), (48, 48, 1))
+  return steps.create_train_state(model_config, stage, variables)
+
+
+def _interleaved(runs: Mapping[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+  """Median seconds per call of each run, the runs timed in turn."""
+  times = {name: [] for name in runs}
+  for _ in range(repeats):
+    for name, run in runs.items():
+      start = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _eval(batch_sizes: Sequence[int], repeats: int) -> None:
   print(f'images/s, steps.eval_step, median of {repeats} interleaved\n| batch | matmul | lax |\n|---|---|---|')
   rng = np.random.default_rng(0)
   for batch_size in batch_sizes:
-    batch = jax.device_put({
-        'image': rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8),
-        'label': rng.integers(0, 100, (batch_size,), dtype=np.int32),
-        'mask': np.ones((batch_size,), bool),
-    })
-    states = {}
+    batch = _batch(batch_size, rng)
+    runs = {}
     for impl in ('matmul', 'lax'):
-      model_config = config_lib.ModelConfig(conv_impl=impl)
-      stage = config_lib.StageConfig(name='bench', epochs=1, learning_rate=1e-3)
-      variables = steps.init_variables(jax.random.PRNGKey(0), model_config.build(), (48, 48, 1))
-      states[impl] = steps.create_train_state(model_config, stage, variables)
-      jax.block_until_ready(steps.eval_step(states[impl], batch))
-    times = {impl: [] for impl in states}
-    for _ in range(repeats):
-      for impl, state in states.items():
-        start = time.perf_counter()
-        jax.block_until_ready(steps.eval_step(state, batch))
-        times[impl].append(time.perf_counter() - start)
-    cells = [f'{batch_size / statistics.median(times[impl]):.0f}' for impl in states]
-    print(f'| {batch_size} | ' + ' | '.join(cells) + ' |', flush=True)
+      state = _state(impl)
+      runs[impl] = lambda state=state: jax.block_until_ready(steps.eval_step(state, batch))
+      runs[impl]()
+    seconds = _interleaved(runs, repeats)
+    print(f'| {batch_size} | ' + ' | '.join(f'{batch_size / seconds[i]:.0f}' for i in runs) + ' |', flush=True)
+
+
+# --what=train: each variant undoes one of agejax.conv's CPU choices.
+_TRAIN_VARIANTS = {
+    'shipped': ({}, None),
+    'no Winograd backward': ({'_WINOGRAD_MIN_IN_CHANNELS': 10**9}, None),
+    'YNNPACK forward': ({'_EIGEN_FORWARD_MIN_OUT_ROWS': 10**9}, None),
+    'YNNPACK off': ({}, {'xla_cpu_experimental_ynn_fusion_type': ''}),
+}
+
+
+def _train(batch_sizes: Sequence[int], repeats: int) -> None:
+  names = list(_TRAIN_VARIANTS)
+  print(f'images/s, steps.train_step, median of {repeats} interleaved')
+  print('| batch | ' + ' | '.join(names) + ' |\n' + '|---' * (len(names) + 1) + '|')
+  rng = np.random.default_rng(0)
+  key = jax.random.PRNGKey(1)
+  for batch_size in batch_sizes:
+    batch = _batch(batch_size, rng)
+    runs = {}
+    for name, (thresholds, compiler_options) in _TRAIN_VARIANTS.items():
+      state = [_state()]
+      patch = mock.patch.multiple(conv, **thresholds) if thresholds else contextlib.nullcontext()
+      with patch:
+        compiled = steps.train_step.lower(state[0], batch, key).compile(compiler_options)
+
+      def run(compiled=compiled, state=state) -> None:
+        state[0], out = compiled(state[0], batch, key)
+        jax.block_until_ready(out)
+
+      run()
+      runs[name] = run
+    seconds = _interleaved(runs, repeats)
+    print(f'| {batch_size} | ' + ' | '.join(f'{batch_size / seconds[n]:.0f}' for n in names) + ' |', flush=True)
+
+
+def _flops() -> None:
+  """Per image; ``lax`` counts direct convolutions, ``auto`` what agejax runs."""
+  batch_size = 64
+  batch = _batch(batch_size, np.random.default_rng(0))
+  for impl in ('lax', 'auto'):
+    state = _state(impl)
+    programs = {
+        'train_step': steps.train_step.lower(state, batch, jax.random.PRNGKey(1)),
+        'eval_step': steps.eval_step.lower(state, batch),
+    }
+    for name, lowered in programs.items():
+      cost = lowered.compile().cost_analysis()
+      cost = cost[0] if isinstance(cost, list) else cost
+      print(f'{name}, conv_impl={impl}: {cost["flops"] / batch_size / 1e6:.0f} MFLOP per image (batch {batch_size})')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -140,8 +218,12 @@ def main(argv: Sequence[str]) -> None:
     _peak(_REPEATS.value)
   elif _WHAT.value == 'layers':
     _layers(_BATCH_SIZE.value, _REPEATS.value)
-  else:
+  elif _WHAT.value == 'eval':
     _eval([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
+  elif _WHAT.value == 'train':
+    _train([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
+  else:
+    _flops()
 
 
 if __name__ == '__main__':
