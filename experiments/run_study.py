@@ -4,57 +4,140 @@
 
 Each experiment is one `experiments.finetune` run of its flagfile in
 ``experiments/configs/study/``, in its own process, under
-``runs/study/<protocol>/<experiment>``. Finished runs are re-evaluated, killed
-ones resume, so the command can be re-run until everything is done. Then
-``python -m experiments.report`` writes docs/RESULTS.md.
+``<root>/<protocol>/<experiment>``, transferring from ``<root>/fer`` (except
+``scratch``). Finished runs are re-evaluated, killed ones resume, so the
+command can be re-run until everything is done. Then
+``python -m experiments.report`` (which shares these flags) writes
+docs/RESULTS.md.
+
+The FER pretraining can run on its own schedule: for example a 25-epoch FER
+model under age runs of the short schedule,
+
+  python -m experiments.run_study --root=runs/study_fer25 --schedule=short \
+      --fer_schedule=paper --fer_stages=fer:20:1e-3:none,fer_fine:5:1e-4:none
 """
 
+from __future__ import annotations
+
+import dataclasses
 import subprocess
 import sys
 
 from absl import app
 from absl import flags
 
+from agejax.data import splits as splits_lib
+
 EXPERIMENTS = (
     'baseline', 'freeze_last_block', 'freeze_paper', 'fc1', 'fc2', 'ranges11',
     'augment', 'scratch',
 )
+FROM_SCRATCH = frozenset({'scratch'})
 CONFIGS = 'experiments/configs/study'
 
+flags.DEFINE_string('root', 'runs/study', 'Directory of the FER run and every age run.')
 flags.DEFINE_enum('schedule', 'short', ['short', 'paper'], 'See experiments.common --schedule.')
-flags.DEFINE_list('protocols', ['dedup', 'paper', 'leaky'], 'UTKFace split protocols to run.')
+flags.DEFINE_enum(
+    'fer_schedule', None, ['short', 'paper'], 'Schedule of the FER pretraining (default: --schedule).'
+)
+flags.DEFINE_list('fer_stages', [], "FER stages, name:epochs:lr:freeze (default: fer.cfg's).")
+flags.DEFINE_list('protocols', list(splits_lib.PROTOCOLS), 'UTKFace split protocols to run.')
 flags.DEFINE_list('experiments', list(EXPERIMENTS), 'Experiments run on the dedup and paper protocols.')
 flags.DEFINE_list('leaky_experiments', ['fc1'], 'Experiments run on the leaky protocol.')
 flags.DEFINE_list('extra_flags', [], 'Flags passed to every run, e.g. --conv_impl=lax.')
-flags.DEFINE_bool('skip_fer', False, 'Assume runs/study/fer is complete.')
+flags.DEFINE_bool('skip_fer', False, 'Assume <root>/fer is complete.')
 
 FLAGS = flags.FLAGS
 
 
-def _run(module: str, args: list[str]) -> None:
-  cmd = [sys.executable, '-m', module, *args, f'--schedule={FLAGS.schedule}', '--noprogress', *FLAGS.extra_flags]
-  print('+', ' '.join(cmd[1:]), flush=True)
-  subprocess.run(cmd, check=True)
+@dataclasses.dataclass(frozen=True)
+class StudyPlan:
+  """The runs of one study and the command of each (what the flags say)."""
+
+  root: str = 'runs/study'
+  schedule: str = 'short'
+  fer_schedule: str | None = None
+  fer_stages: tuple[str, ...] = ()
+  protocols: tuple[str, ...] = splits_lib.PROTOCOLS
+  experiments: tuple[str, ...] = EXPERIMENTS
+  leaky_experiments: tuple[str, ...] = ('fc1',)
+  extra_flags: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    unknown = sorted(set(self.experiments + self.leaky_experiments) - set(EXPERIMENTS))
+    if unknown:
+      raise ValueError(f'Unknown experiments {unknown}; choose from {EXPERIMENTS}.')
+    unknown = sorted(set(self.protocols) - set(splits_lib.PROTOCOLS))
+    if unknown:
+      raise ValueError(f'Unknown protocols {unknown}; choose from {splits_lib.PROTOCOLS}.')
+
+  def age_runs(self) -> list[tuple[str, str]]:
+    """``(protocol, experiment)`` of every planned age run, in run order."""
+    return [
+        (protocol, name)
+        for protocol in self.protocols
+        for name in (self.leaky_experiments if protocol == 'leaky' else self.experiments)
+    ]
+
+  def fer_command(self) -> list[str]:
+    """Arguments of ``python`` for the FER pretraining."""
+    stages = [f'--stages={",".join(self.fer_stages)}'] if self.fer_stages else []
+    return [
+        '-m', 'experiments.pretrain_fer', f'--flagfile={CONFIGS}/fer.cfg',
+        f'--workdir={self.root}/fer', *stages,
+        f'--schedule={self.fer_schedule or self.schedule}', '--noprogress', *self.extra_flags,
+    ]
+
+  def age_command(self, protocol: str, experiment: str) -> list[str]:
+    """Arguments of ``python`` for one age experiment on one protocol."""
+    init = [] if experiment in FROM_SCRATCH else [f'--init_from={self.root}/fer']
+    return [
+        '-m', 'experiments.finetune', f'--flagfile={CONFIGS}/{experiment}.cfg',
+        f'--protocol={protocol}', f'--workdir={self.root}/{protocol}/{experiment}', *init,
+        f'--schedule={self.schedule}', '--noprogress', *self.extra_flags,
+    ]
+
+  def study_flags(self) -> list[str]:
+    """The `experiments.run_study` flags that give this plan (defaults left out)."""
+    default = StudyPlan()
+    shown = []
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name == 'schedule' or value != getattr(default, field.name):
+        shown.append(f'--{field.name}={",".join(value) if isinstance(value, tuple) else value}')
+    return shown
+
+
+def plan_from_flags() -> StudyPlan:
+  """The `StudyPlan` of this program's flags (also read by experiments.report)."""
+  try:
+    return StudyPlan(
+        root=FLAGS.root,
+        schedule=FLAGS.schedule,
+        fer_schedule=FLAGS.fer_schedule,
+        fer_stages=tuple(FLAGS.fer_stages),
+        protocols=tuple(FLAGS.protocols),
+        experiments=tuple(FLAGS.experiments),
+        leaky_experiments=tuple(FLAGS.leaky_experiments),
+        extra_flags=tuple(FLAGS.extra_flags),
+    )
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+
+
+def _run(args: list[str]) -> None:
+  print('+ python', ' '.join(args), flush=True)
+  subprocess.run([sys.executable, *args], check=True)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  plan = plan_from_flags()
   if not FLAGS.skip_fer:
-    _run('experiments.pretrain_fer', [f'--flagfile={CONFIGS}/fer.cfg'])
-  for protocol in FLAGS.protocols:
-    names = FLAGS.leaky_experiments if protocol == 'leaky' else FLAGS.experiments
-    for name in names:
-      if name not in EXPERIMENTS:
-        raise app.UsageError(f'Unknown experiment {name!r}; choose from {EXPERIMENTS}.')
-      _run(
-          'experiments.finetune',
-          [
-              f'--flagfile={CONFIGS}/{name}.cfg',
-              f'--protocol={protocol}',
-              f'--workdir=runs/study/{protocol}/{name}',
-          ],
-      )
+    _run(plan.fer_command())
+  for protocol, experiment in plan.age_runs():
+    _run(plan.age_command(protocol, experiment))
 
 
 if __name__ == '__main__':
