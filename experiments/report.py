@@ -41,6 +41,8 @@ from matplotlib import ticker
 import numpy as np
 
 from agejax import ages
+from agejax import bootstrap
+from agejax import metrics
 from agejax import run_logging
 from agejax.data import splits as splits_lib
 from experiments import run_study
@@ -395,6 +397,24 @@ def protocol_section(study: Study, protocol: str) -> str:
 
 
 _TRANSFER_KEYS = (('accuracy', 'pct'), ('cs@3', 'pct'), ('mae', 'years'))
+# Scores with bootstrap intervals, as functions of the test confusion matrix.
+# MAE only for the 100 age classes: the ranges11 MAE is measured against each
+# face's age in years, which its confusion matrix does not hold.
+_INTERVAL_SCORES: dict[str, bootstrap.Score] = {
+    'accuracy': metrics.accuracy_from_cm,
+    'cs@3': lambda cm: metrics.cs_from_cm(cm, (3,))[0],
+    'mae': metrics.mae_from_cm,
+}
+BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+def _test_confusion(run: Run) -> np.ndarray:
+  return np.asarray(run.results['test']['confusion'], np.int32)
+
+
+def _has_interval(run: Run, key: str) -> bool:
+  return key != 'mae' or _test_confusion(run).shape[0] == ages.NUM_AGE_CLASSES
 
 
 def transfer_diffs(study: Study, protocol: str) -> dict[str, float] | None:
@@ -405,19 +425,69 @@ def transfer_diffs(study: Study, protocol: str) -> dict[str, float] | None:
   return {k: fc1.results['test'][k] - scratch.results['test'][k] for k, _ in _TRANSFER_KEYS}
 
 
+def _fmt_range(low: float, high: float, kind: str) -> str:
+  return f'{fmt(low, kind)} to {fmt(high, kind)}'
+
+
 def transfer_section(study: Study) -> str:
-  """What FER transfer buys: fc1 minus scratch, per protocol."""
+  """What FER transfer buys: fc1 minus scratch, per protocol, with bootstrap intervals."""
   rows = []
   for protocol in TABLE_PROTOCOLS:
     diffs = transfer_diffs(study, protocol)
     if diffs is None:
       rows.append([protocol, NOT_RUN, '', ''])
-    else:
-      rows.append([protocol] + [fmt_diff(diffs[k], kind) for k, kind in _TRANSFER_KEYS])
+      continue
+    fc1, scratch = study.get(protocol, 'fc1'), study.get(protocol, 'scratch')
+    cells = [protocol]
+    for key, kind in _TRANSFER_KEYS:
+      low, high = bootstrap.difference_interval(
+          jax.random.key(BOOTSTRAP_SEED), _test_confusion(fc1), _test_confusion(scratch),
+          _INTERVAL_SCORES[key], num_samples=BOOTSTRAP_SAMPLES,
+      )
+      cells.append(f'{fmt_diff(diffs[key], kind)} ({_fmt_range(low, high, kind)})')
+    rows.append(cells)
   return '\n'.join([
       '## Transfer vs scratch (fc1 minus scratch, test)',
       '',
       md_table(['Protocol', 'Accuracy', 'CS3', 'MAE'], rows),
+      '',
+      f'In brackets: 95 % bootstrap intervals of the difference ({BOOTSTRAP_SAMPLES} resamples'
+      ' of each run\'s test confusion matrix, independently: `agejax.bootstrap`; conservative,'
+      ' as both runs scored the same faces). An interval that excludes 0 is a difference the'
+      ' test set resolves.',
+  ])
+
+
+def uncertainty_section(study: Study) -> str:
+  """95 % bootstrap intervals of every finished age run's test accuracy, CS3 and MAE."""
+  rows = []
+  for protocol in splits_lib.PROTOCOLS:
+    for experiment in run_study.EXPERIMENTS:
+      run = study.get(protocol, experiment)
+      if run is None:
+        continue
+      cells = [f'`{protocol}/{experiment}`', f'{run.results["test"]["count"]:.0f}']
+      for key, kind in _TRANSFER_KEYS:
+        if not _has_interval(run, key):
+          cells.append('–')
+          continue
+        low, high = bootstrap.interval(
+            jax.random.key(BOOTSTRAP_SEED), _test_confusion(run), _INTERVAL_SCORES[key],
+            num_samples=BOOTSTRAP_SAMPLES,
+        )
+        cells.append(f'{fmt(run.results["test"][key], kind)} ({_fmt_range(low, high, kind)})')
+      rows.append(cells)
+  if not rows:
+    return '## Uncertainty (test)\n\nNo finished age runs.'
+  return '\n'.join([
+      '## Uncertainty (test, 95 % bootstrap intervals)',
+      '',
+      md_table(['Run', 'Test faces', 'Acc %', 'CS3 %', 'MAE'], rows),
+      '',
+      f'Percentile bootstrap over the test faces ({BOOTSTRAP_SAMPLES} resamples of each run\'s'
+      ' test confusion matrix, `agejax.bootstrap`, seed 0): how much each score would move'
+      ' on another test set of the same size, not across training seeds. ranges11 scores'
+      ' count ranges; its MAE, measured against ages in years, has no interval here.',
   ])
 
 
@@ -642,6 +712,7 @@ def render_markdown(
       fer_section(study),
       *(protocol_section(study, p) for p in TABLE_PROTOCOLS),
       transfer_section(study),
+      uncertainty_section(study),
       leak_section(study),
       per_class_section(study, options.detail_protocol),
       ranges_section(study, options.detail_protocol),

@@ -117,7 +117,6 @@ class ReportTest(parameterized.TestCase):
       ('study_row', '| **study** (100 ages) | 57.00 | 64.38 | 71.06 | 76.97 | 2.09–2.65 |'),
       ('study_ranges', '| **study** (11 ranges) | 60.76 |'),
       ('fer', '| agejax FER checkpoint | 65.12 | 60.00 | 2 |'),
-      ('transfer', '| dedup | +13.21 points | +13.21 points | +0.13 years |'),
       ('leaky_row', '| leaky | 80.00 | 83.00 | 4.05 | 0.679 | 12 | 34 of 200 | 17.00 |'),
       ('missing_run', '| fc2 | not run |'),
       ('unfinished_run', '| paper | not run (unfinished) |'),
@@ -132,6 +131,23 @@ class ReportTest(parameterized.TestCase):
   )
   def test_markdown_contains(self, expected):
     self.assertIn(expected, self.md)
+
+  def test_transfer_differences_have_intervals(self):
+    interval = r'\(-?\d+\.\d\d to -?\d+\.\d\d\)'
+    self.assertRegex(
+        self.md,
+        rf'\| dedup \| \+13\.21 points {interval} \| \+13\.21 points {interval}'
+        rf' \| \+0\.13 years {interval} \|',
+    )
+
+  def test_uncertainty_rows_for_finished_age_runs(self):
+    section = self.md.split('## Uncertainty')[1].split('## ')[0]
+    rows = [line for line in section.splitlines() if line.startswith('| `')]
+    self.assertEqual(
+        [row.split(' | ')[0] for row in rows],
+        ['| `dedup/fc1`', '| `dedup/ranges11`', '| `dedup/scratch`', '| `leaky/fc1`'],
+    )
+    self.assertTrue(rows[1].endswith('| – |'))  # ranges11: no MAE interval
 
   def test_paper_table_has_no_numbers_of_its_own(self):
     paper = self.md.split('## Test scores, `paper` protocol')[1].split('## ')[0]
@@ -172,6 +188,30 @@ class ReportTest(parameterized.TestCase):
   )
   def test_fmt(self, value, kind, expected):
     self.assertEqual(report.fmt(value, kind), expected)
+
+
+class IntervalTest(absltest.TestCase):
+
+  def test_interval_brackets_a_consistent_run(self):
+    cm = np.zeros((100, 100), int)
+    cm[np.arange(100), np.arange(100)] = 3
+    cm[np.arange(100), (np.arange(100) + 5) % 100] = 7
+    scores = _scores(100, 0.3, seed=0)
+    scores.update({'confusion': cm.tolist(), 'accuracy': 0.3, 'count': 1000.0,
+                   'cs@3': 0.3, 'mae': float(np.sum(cm * np.abs(np.subtract.outer(
+                       np.arange(100), np.arange(100)))) / 1000)})
+    results = _results(100, 0.3)
+    results['test'] = scores
+    with tempfile.TemporaryDirectory() as tmp:
+      _write_run(pathlib.Path(tmp), 'dedup/fc1', results)
+      section = report.uncertainty_section(report.load_study(tmp))
+    row = next(line for line in section.splitlines() if line.startswith('| `dedup/fc1`'))
+    cells = row.strip('| ').split(' | ')
+    self.assertEqual(cells[1], '1000')
+    for cell in cells[2:]:
+      point, low, high = map(float, re.fullmatch(r'(\S+) \((\S+) to (\S+)\)', cell).groups())
+      self.assertLess(low, point)
+      self.assertLess(point, high)
 
 
 class EmptyStudyTest(absltest.TestCase):

@@ -1,0 +1,117 @@
+"""Bootstrap confidence intervals of scores computed from a confusion matrix.
+
+A test set is a sample: a model's test accuracy of 8.7 % on 3,462 faces is
+known to about +-1 point, and two experiments 1 point apart may not differ at
+all. Accuracy, CS(k) and MAE depend on the test examples only through their
+``(true, predicted)`` pairs, i.e. the confusion matrix, so resampling the
+examples with replacement is resampling the matrix's cells in proportion to
+their counts. This module does that (the percentile bootstrap, Efron &
+Tibshirani 1993) with explicit PRNG keys and returns intervals for any score
+function of a confusion matrix, e.g. `agejax.metrics.accuracy_from_cm`.
+
+Differences between two runs are bootstrapped by resampling each run's matrix
+independently. When both runs saw the same test faces this ignores the
+pairing; as models' errors on the same faces are positively correlated, the
+interval is then wider than a paired one would be (conservative).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Score = Callable[[jax.Array], jax.Array]
+
+
+def _check_cm(cm: jax.Array | np.ndarray) -> jax.Array:
+  cm = jnp.asarray(cm)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+    raise ValueError(f'confusion matrix must have shape [C, C], got {cm.shape}.')
+  if not jnp.issubdtype(cm.dtype, jnp.integer) or bool(jnp.any(cm < 0)):
+    raise ValueError('confusion matrix must hold non-negative integer counts.')
+  if int(jnp.sum(cm)) == 0:
+    raise ValueError('confusion matrix is empty: there is nothing to resample.')
+  return cm.astype(jnp.int32)
+
+
+def resample_confusion(key: jax.Array, cm: jax.Array, num_samples: int) -> jax.Array:
+  """Confusion matrices of the examples of ``cm`` drawn with replacement.
+
+  Args:
+    key: PRNG key.
+    cm: ``[C, C]`` integer confusion matrix of ``n`` examples.
+    num_samples: How many bootstrap samples.
+
+  Returns:
+    ``int32 [num_samples, C, C]``; each sample holds ``n`` examples.
+  """
+  cm = _check_cm(cm)
+  if num_samples < 1:
+    raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
+  counts = cm.ravel()
+  n = int(jnp.sum(counts))
+  # Example e (in cell order) lies in cell searchsorted(cumsum, e, 'right').
+  cells = jnp.searchsorted(jnp.cumsum(counts), jnp.arange(n), side='right')
+  drawn = cells[jax.random.randint(key, (num_samples, n), 0, n)]
+  samples = jax.vmap(lambda c: jnp.bincount(c, length=counts.size))(drawn)
+  return samples.reshape(num_samples, *cm.shape).astype(jnp.int32)
+
+
+def interval(
+    key: jax.Array,
+    cm: jax.Array,
+    score: Score,
+    *,
+    num_samples: int = 1000,
+    level: float = 0.95,
+) -> tuple[float, float]:
+  """Percentile bootstrap interval of ``score(cm)`` over resampled test examples.
+
+  Args:
+    key: PRNG key.
+    cm: ``[C, C]`` integer confusion matrix.
+    score: Jittable function of a ``[C, C]`` matrix giving a scalar.
+    num_samples: Bootstrap samples.
+    level: Coverage of the interval, in (0, 1).
+
+  Returns:
+    ``(low, high)``.
+  """
+  _check_level(level)
+  values = jax.vmap(score)(resample_confusion(key, cm, num_samples))
+  return _percentiles(values, level)
+
+
+def difference_interval(
+    key: jax.Array,
+    cm_a: jax.Array,
+    cm_b: jax.Array,
+    score: Score,
+    *,
+    num_samples: int = 1000,
+    level: float = 0.95,
+) -> tuple[float, float]:
+  """Percentile bootstrap interval of ``score(cm_a) - score(cm_b)``.
+
+  The two matrices are resampled independently (see the module docstring:
+  conservative when both runs scored the same test examples).
+  """
+  _check_level(level)
+  key_a, key_b = jax.random.split(key)
+  values_a = jax.vmap(score)(resample_confusion(key_a, cm_a, num_samples))
+  values_b = jax.vmap(score)(resample_confusion(key_b, cm_b, num_samples))
+  return _percentiles(values_a - values_b, level)
+
+
+def _check_level(level: float) -> None:
+  if not 0.0 < level < 1.0:
+    raise ValueError(f'level must be in (0, 1), got {level}.')
+
+
+def _percentiles(values: jax.Array, level: float) -> tuple[float, float]:
+  tail = 100.0 * (1.0 - level) / 2.0
+  low, high = np.percentile(np.asarray(values, np.float64), [tail, 100.0 - tail])
+  return float(low), float(high)
