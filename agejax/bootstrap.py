@@ -10,9 +10,11 @@ Tibshirani 1993) with explicit PRNG keys and returns intervals for any score
 function of a confusion matrix, e.g. `agejax.metrics.accuracy_from_cm`.
 
 Differences between two runs are bootstrapped by resampling each run's matrix
-independently. When both runs saw the same test faces this ignores the
-pairing; as models' errors on the same faces are positively correlated, the
-interval is then wider than a paired one would be (conservative).
+independently (`difference_interval`). When both runs saw the same test faces
+this ignores the pairing; as models' errors on the same faces are positively
+correlated, the interval is then wider than a paired one would be
+(conservative). With per-example predictions, `mean_interval` of the
+per-example differences gives the paired interval.
 """
 
 from __future__ import annotations
@@ -104,6 +106,31 @@ def difference_interval(
   values_a = jax.vmap(score)(resample_confusion(key_a, cm_a, num_samples))
   values_b = jax.vmap(score)(resample_confusion(key_b, cm_b, num_samples))
   return _percentiles(values_a - values_b, level)
+
+
+def mean_interval(
+    key: jax.Array,
+    values: jax.Array | np.ndarray,
+    *,
+    num_samples: int = 1000,
+    level: float = 0.95,
+) -> tuple[float, float]:
+  """Percentile bootstrap interval of the mean of per-example ``values``.
+
+  With ``values`` the per-example difference of two models on the same test
+  examples (e.g. correct_a - correct_b, or |error_a| - |error_b|), this is
+  the paired interval of their difference in accuracy or MAE: tighter than
+  `difference_interval`, which cannot pair.
+  """
+  _check_level(level)
+  values = jnp.asarray(values, jnp.float32)
+  if values.ndim != 1 or values.shape[0] == 0:
+    raise ValueError(f'values must have shape [n] with n >= 1, got {values.shape}.')
+  if num_samples < 1:
+    raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
+  n = values.shape[0]
+  means = jnp.mean(values[jax.random.randint(key, (num_samples, n), 0, n)], axis=1)
+  return _percentiles(means, level)
 
 
 def _check_level(level: float) -> None:

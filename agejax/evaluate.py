@@ -88,3 +88,30 @@ def evaluate(
       state, arrays, config=config, batch_size=batch_size, mesh=mesh
   )
   return summarize(totals, config=config), np.asarray(totals['confusion'])
+
+
+def predict(
+    state: steps.TrainState,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    config: config_lib.StepConfig,
+    batch_size: int,
+    mesh: jax.sharding.Mesh | None = None,
+) -> dict[str, np.ndarray]:
+  """`agejax.steps.predict_step` outputs for every example of ``arrays``, in order.
+
+  Per-example predictions are what paired comparisons of two models and
+  scores per subgroup (e.g. per ethnicity) need; the summed scores of
+  `evaluate` cannot give them.
+  """
+  mesh = parallel.data_mesh() if mesh is None else mesh
+  parallel.check_batch_size(batch_size, mesh)
+  parts = []
+  for batch in batching.eval_batches(arrays, batch_size):
+    out = jax.device_get(
+        steps.predict_step(state, parallel.shard_batch(batch, mesh), config=config)
+    )
+    parts.append({k: np.asarray(v)[batch['mask']] for k, v in out.items()})
+  if not parts:
+    raise ValueError('Cannot predict on an empty dataset.')
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -1,4 +1,5 @@
-"""Where a run's numbers go: JSON files, JSON lines and TensorBoard events."""
+"""Where a run's numbers go: JSON files, JSON lines, TensorBoard events and
+per-example predictions."""
 
 from __future__ import annotations
 
@@ -16,6 +17,32 @@ def write_json(path: str | pathlib.Path, obj: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + '.tmp')
   tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_plain))
+  tmp.replace(path)
+
+
+def write_predictions(
+    path: str | pathlib.Path,
+    arrays: Mapping[str, np.ndarray],
+    predictions: Mapping[str, np.ndarray],
+) -> None:
+  """Writes per-example predictions beside the split's own per-example fields.
+
+  Saves, atomically as a compressed ``.npz``, every one-dimensional array of
+  ``arrays`` (``label``, and for UTKFace ``age``, ``gender``, ``race``,
+  ``file_name``, ``hash``; not the images) and every array of
+  ``predictions``, which must have one row per example.
+  """
+  path = pathlib.Path(path)
+  n = len(arrays['label'])
+  bad = {k: len(v) for k, v in predictions.items() if len(v) != n}
+  if bad:
+    raise ValueError(f'{path}: predictions {bad} do not match the {n} examples of the split.')
+  fields = {k: np.asarray(v) for k, v in arrays.items() if np.ndim(v) == 1}
+  fields.update({k: np.asarray(v) for k, v in predictions.items()})
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + '.tmp')
+  with open(tmp, 'wb') as f:
+    np.savez_compressed(f, **fields)
   tmp.replace(path)
 
 

@@ -244,11 +244,7 @@ def eval_step(
   mask = batch['mask']
   maskf = mask.astype(jnp.float32)
   probs = jax.nn.softmax(logits)
-  values = (
-      jnp.arange(num_classes, dtype=jnp.float32)
-      if config.class_values is None
-      else jnp.asarray(config.class_values, jnp.float32)
-  )
+  values = _class_values(config, num_classes)
   true_age = (
       batch['age'].astype(jnp.float32) if 'age' in batch else values[labels]
   )
@@ -266,3 +262,35 @@ def eval_step(
   for name, age in decoded.items():
     out[f'abs_err_{name}'] = jnp.sum(jnp.abs(age - true_age) * maskf)
   return out
+
+
+@functools.partial(jax.jit, static_argnames=('config',))
+def predict_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    config: config_lib.StepConfig = config_lib.StepConfig(),
+) -> dict[str, jax.Array]:
+  """Per-example predictions of a batch (padding included; drop it by ``mask``).
+
+  Returns ``pred``, the argmax class (int32 ``[B]``), and ``expected``, the
+  expected class value of the predicted distribution (DEX; years for age
+  classes, range values for ``config.class_values``), float32 ``[B]``.
+  """
+  logits = state.apply_fn(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      _images(batch),
+      train=False,
+  )
+  values = _class_values(config, logits.shape[-1])
+  return {
+      'pred': jnp.argmax(logits, -1).astype(jnp.int32),
+      'expected': jax.nn.softmax(logits) @ values,
+  }
+
+
+def _class_values(config: config_lib.StepConfig, num_classes: int) -> jax.Array:
+  """The value of each class: ``config.class_values``, else the class index."""
+  if config.class_values is None:
+    return jnp.arange(num_classes, dtype=jnp.float32)
+  return jnp.asarray(config.class_values, jnp.float32)

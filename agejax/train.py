@@ -108,7 +108,9 @@ def train_and_evaluate(
       a dict of arrays with ``image`` uint8 [N, H, W, C] and ``label`` int32
       [N] (and ``age`` for MAE in years when classes are age ranges).
     workdir: The run directory: checkpoints, ``config.json``,
-      ``metrics.jsonl``, ``tensorboard/``, ``results.json``.
+      ``metrics.jsonl``, ``tensorboard/``, ``results.json`` and
+      ``predictions_{validation,test}.npz`` (per-example predictions of the
+      best checkpoint, see `agejax.run_logging.write_predictions`).
     mesh: Devices to train on (default: every device, data parallel).
     log: Where progress lines go.
     show_progress: Show a progress bar per epoch.
@@ -284,6 +286,16 @@ def train_and_evaluate(
           mesh=mesh,
       )
       results[split] = {**summary, 'confusion': confusion.tolist()}
+      predictions = evaluate_lib.predict(
+          best_state,
+          data[split],
+          config=config.step,
+          batch_size=config.eval_batch_size,
+          mesh=mesh,
+      )
+      run_logging.write_predictions(
+          workdir / f'predictions_{split}.npz', data[split], predictions
+      )
   run_logging.write_json(workdir / 'results.json', results)
   return results
 

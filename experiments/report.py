@@ -45,6 +45,7 @@ from agejax import bootstrap
 from agejax import metrics
 from agejax import run_logging
 from agejax.data import splits as splits_lib
+from agejax.data import utkface_names
 from experiments import run_study
 
 flags.DEFINE_string('out', 'docs', 'Where RESULTS.md, results/ and figures/ go.')
@@ -429,32 +430,84 @@ def _fmt_range(low: float, high: float, kind: str) -> str:
   return f'{fmt(low, kind)} to {fmt(high, kind)}'
 
 
+def read_predictions(run: Run, split: str = 'test') -> dict[str, np.ndarray] | None:
+  """The run's per-example predictions on ``split`` (``predictions_<split>.npz``), if saved."""
+  path = run.path / f'predictions_{split}.npz'
+  if not path.exists():
+    return None
+  try:
+    with np.load(path) as saved:
+      return {k: saved[k] for k in saved.files}
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{path} is unreadable ({e}). {_fix_hint(path)}') from e
+
+
+def per_example_scores(predictions: Mapping[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
+  """Each test face's contribution to accuracy, CS3 and MAE (their means are the scores).
+
+  MAE is in years against the face's age, as `agejax.steps.eval_step`
+  measures it: the predicted class's value (the age, or for the 11 ranges the
+  range midpoint) minus the true age.
+  """
+  label, pred = predictions['label'], predictions['pred']
+  values = np.arange(num_classes, dtype=np.float64)
+  if num_classes == ages.NUM_RANGES:
+    values = np.asarray(ages.range_midpoints(), np.float64)
+  true_age = predictions['age'] if 'age' in predictions else values[label]
+  return {
+      'accuracy': (pred == label).astype(np.float64),
+      'cs@3': (np.abs(pred - label) <= 3).astype(np.float64),
+      'mae': np.abs(values[pred] - true_age),
+  }
+
+
+def _paired(a: Run, b: Run) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
+  """Per-example test scores of two runs, if both saved predictions on the same faces."""
+  pa, pb = read_predictions(a), read_predictions(b)
+  if pa is None or pb is None:
+    return None
+  key = 'hash' if 'hash' in pa and 'hash' in pb else 'label'
+  if not np.array_equal(pa[key], pb[key]):
+    return None
+  num_classes = len(a.results['test']['confusion'])
+  return per_example_scores(pa, num_classes), per_example_scores(pb, num_classes)
+
+
 def transfer_section(study: Study) -> str:
   """What FER transfer buys: fc1 minus scratch, per protocol, with bootstrap intervals."""
   rows = []
   for protocol in TABLE_PROTOCOLS:
     diffs = transfer_diffs(study, protocol)
     if diffs is None:
-      rows.append([protocol, NOT_RUN, '', ''])
+      rows.append([protocol, NOT_RUN, '', '', ''])
       continue
     fc1, scratch = study.get(protocol, 'fc1'), study.get(protocol, 'scratch')
+    paired = _paired(fc1, scratch)
     cells = [protocol]
     for key, kind in _TRANSFER_KEYS:
-      low, high = bootstrap.difference_interval(
-          jax.random.key(BOOTSTRAP_SEED), _test_confusion(fc1), _test_confusion(scratch),
-          _INTERVAL_SCORES[key], num_samples=BOOTSTRAP_SAMPLES,
-      )
+      rng = jax.random.key(BOOTSTRAP_SEED)
+      if paired is not None:
+        low, high = bootstrap.mean_interval(
+            rng, paired[0][key] - paired[1][key], num_samples=BOOTSTRAP_SAMPLES
+        )
+      else:
+        low, high = bootstrap.difference_interval(
+            rng, _test_confusion(fc1), _test_confusion(scratch), _INTERVAL_SCORES[key],
+            num_samples=BOOTSTRAP_SAMPLES,
+        )
       cells.append(f'{fmt_diff(diffs[key], kind)} ({_fmt_range(low, high, kind)})')
-    rows.append(cells)
+    rows.append(cells + ['paired' if paired is not None else 'unpaired'])
   return '\n'.join([
       '## Transfer vs scratch (fc1 minus scratch, test)',
       '',
-      md_table(['Protocol', 'Accuracy', 'CS3', 'MAE'], rows),
+      md_table(['Protocol', 'Accuracy', 'CS3', 'MAE', 'Interval'], rows),
       '',
-      f'In brackets: 95 % bootstrap intervals of the difference ({BOOTSTRAP_SAMPLES} resamples'
-      ' of each run\'s test confusion matrix, independently: `agejax.bootstrap`; conservative,'
-      ' as both runs scored the same faces). An interval that excludes 0 is a difference the'
-      ' test set resolves.',
+      f'In brackets: 95 % bootstrap intervals of the difference ({BOOTSTRAP_SAMPLES} resamples,'
+      ' `agejax.bootstrap`). *paired*: the test faces resampled once for both runs, from their'
+      ' per-example predictions (`predictions_test.npz`); *unpaired*: each run\'s test confusion'
+      ' matrix resampled on its own (runs without saved predictions), which ignores that both'
+      ' runs scored the same faces and so gives wider intervals. An interval that excludes 0 is'
+      ' a difference the test set resolves.',
   ])
 
 
@@ -543,6 +596,46 @@ def leak_section(study: Study) -> str:
       ' `dedup` to `paper` to `leaky` with the share of leaked test images.',
       '',
       '<!-- discussion -->',
+  ])
+
+
+_SUBGROUPS = (('race', utkface_names.RACES), ('gender', utkface_names.GENDERS))
+
+
+def subgroup_section(study: Study, protocol: str) -> str:
+  """fc1's test accuracy and MAE per ethnicity and gender, with bootstrap intervals."""
+  title = f'## Subgroups: fc1 on `{protocol}` (test, 95 % bootstrap intervals)'
+  run = study.get(protocol, 'fc1')
+  if run is None:
+    return f'{title}\n\n{_status(study, f"{protocol}/fc1")}.'
+  predictions = read_predictions(run)
+  if predictions is None or not all(field in predictions for field, _ in _SUBGROUPS):
+    return (
+        f'{title}\n\nNo per-example predictions with ethnicity and gender in {run.path}:'
+        ' re-run `python -m experiments.run_study` with the same flags (finished runs are'
+        ' re-evaluated and save `predictions_test.npz`).'
+    )
+  scores = per_example_scores(predictions, len(run.results['test']['confusion']))
+  rows = []
+  for field, names in _SUBGROUPS:
+    codes = predictions[field]
+    for code in sorted(set(codes.tolist())):
+      name = names[code] if 0 <= code < len(names) else 'not in the file name'
+      members = codes == code
+      cells = [f'{field}: {name}', str(int(members.sum()))]
+      for key, kind in (('accuracy', 'pct'), ('mae', 'years')):
+        values = scores[key][members]
+        low, high = bootstrap.mean_interval(
+            jax.random.key(BOOTSTRAP_SEED), values, num_samples=BOOTSTRAP_SAMPLES
+        )
+        cells.append(f'{fmt(float(values.mean()), kind)} ({_fmt_range(low, high, kind)})')
+      rows.append(cells)
+  return '\n'.join([
+      title, '',
+      md_table(['Group', 'Test faces', 'Acc %', 'MAE'], rows),
+      '',
+      'Ethnicity and gender as UTKFace labels them (file names). Groups differ in their age'
+      ' distributions as well as in appearance, so a gap here mixes both.',
   ])
 
 
@@ -714,6 +807,7 @@ def render_markdown(
       transfer_section(study),
       uncertainty_section(study),
       leak_section(study),
+      subgroup_section(study, options.detail_protocol),
       per_class_section(study, options.detail_protocol),
       ranges_section(study, options.detail_protocol),
       figures_section(figures or {}, options.detail_protocol),

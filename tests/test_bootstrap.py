@@ -78,6 +78,34 @@ class IntervalTest(absltest.TestCase):
     self.assertLess(high, 0.5)
 
 
+class MeanIntervalTest(absltest.TestCase):
+
+  def test_matches_normal_theory(self):
+    values = np.random.default_rng(0).normal(1.0, 2.0, 5000)
+    low, high = bootstrap.mean_interval(jax.random.key(0), values, num_samples=2000)
+    half = 1.96 * values.std() / math.sqrt(values.size)
+    self.assertAlmostEqual(low, values.mean() - half, delta=0.15 * half)
+    self.assertAlmostEqual(high, values.mean() + half, delta=0.15 * half)
+
+  def test_pairing_tightens_the_difference(self):
+    # Two models that agree on most faces: the paired interval is far narrower.
+    rng = np.random.default_rng(1)
+    correct_a = rng.random(3000) < 0.3
+    correct_b = correct_a.copy()
+    flip = rng.random(3000) < 0.05
+    correct_b[flip] = ~correct_b[flip]
+    key = jax.random.key(2)
+    paired = bootstrap.mean_interval(key, correct_a.astype(float) - correct_b)
+    def cm(correct):
+      return np.array([[correct.sum(), 0], [(~correct).sum(), 0]], np.int32)
+    unpaired = bootstrap.difference_interval(key, cm(correct_a), cm(correct_b), metrics.accuracy_from_cm)
+    self.assertLess(paired[1] - paired[0], 0.5 * (unpaired[1] - unpaired[0]))
+
+  def test_raises_on_empty_values(self):
+    with self.assertRaisesRegex(ValueError, 'shape'):
+      bootstrap.mean_interval(jax.random.key(0), np.zeros(0))
+
+
 class ValidationTest(parameterized.TestCase):
 
   @parameterized.named_parameters(

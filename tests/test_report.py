@@ -214,6 +214,73 @@ class IntervalTest(absltest.TestCase):
       self.assertLess(point, high)
 
 
+def _write_predictions(path: pathlib.Path, pred: np.ndarray, seed: int = 0, hashes=None) -> None:
+  rng = np.random.default_rng(seed)
+  n = len(pred)
+  age = rng.integers(0, 100, n)
+  np.savez(
+      path / 'predictions_test.npz', label=age, age=age, pred=pred,
+      race=np.arange(n) % 5, gender=np.arange(n) % 2,
+      hash=np.array([f'h{i}' for i in range(n)] if hashes is None else hashes),
+  )
+
+
+class PredictionsTest(absltest.TestCase):
+  """Paired intervals and subgroups, from runs that saved per-example predictions."""
+
+  def _study(self, tmp: str, scratch_hashes=None):
+    root = pathlib.Path(tmp)
+    n = 400
+    age = np.random.default_rng(0).integers(0, 100, n)
+    fc1_pred = np.where(np.arange(n) % 4 == 0, age, np.clip(age + 5, 0, 99))
+    for key, pred in (('dedup/fc1', fc1_pred), ('dedup/scratch', np.full(n, 26))):
+      _write_run(root, key, _results(100, 0.3))
+      hashes = scratch_hashes if key == 'dedup/scratch' else None
+      _write_predictions(root / key, pred, hashes=hashes)
+    return report.load_study(root)
+
+  def test_per_example_scores_average_to_the_scores(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      run = self._study(tmp).get('dedup', 'fc1')
+      saved = report.read_predictions(run)
+    scores = report.per_example_scores(saved, 100)
+    self.assertAlmostEqual(scores['accuracy'].mean(), np.mean(saved['pred'] == saved['age']))
+    self.assertGreater(scores['accuracy'].mean(), 0.24)
+    np.testing.assert_allclose(scores['mae'], np.abs(saved['pred'] - saved['age']))
+
+  def test_transfer_is_paired_when_both_runs_saved_the_same_faces(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      section = report.transfer_section(self._study(tmp))
+    self.assertRegex(section, r'\| dedup \| .* \| paired \|')
+
+  def test_transfer_is_unpaired_for_different_faces(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      section = report.transfer_section(self._study(tmp, scratch_hashes=[f'x{i}' for i in range(400)]))
+    self.assertRegex(section, r'\| dedup \| .* \| unpaired \|')
+
+  def test_subgroups_of_fc1(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      section = report.subgroup_section(self._study(tmp), 'dedup')
+    rows = [line for line in section.splitlines() if line.startswith('| race') or line.startswith('| gender')]
+    self.assertLen(rows, 5 + 2)
+    self.assertTrue(rows[0].startswith('| race: White | 80 | '))
+    self.assertTrue(rows[5].startswith('| gender: male | 200 | '))
+
+  def test_subgroups_without_predictions_say_how_to_get_them(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      _write_run(pathlib.Path(tmp), 'dedup/fc1', _results(100, 0.3))
+      section = report.subgroup_section(report.load_study(tmp), 'dedup')
+    self.assertIn('No per-example predictions', section)
+
+  def test_unreadable_predictions_name_the_file(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      _write_run(pathlib.Path(tmp), 'dedup/fc1', _results(100, 0.3))
+      (pathlib.Path(tmp) / 'dedup/fc1/predictions_test.npz').write_bytes(b'not a zip')
+      run = report.load_study(tmp).get('dedup', 'fc1')
+      with self.assertRaisesRegex(ValueError, 'predictions_test.npz is unreadable'):
+        report.read_predictions(run)
+
+
 class EmptyStudyTest(absltest.TestCase):
 
   def test_no_runs_renders_not_run_everywhere(self):

@@ -239,6 +239,40 @@ class AccumulateTest(parameterized.TestCase):
       evaluate.accumulate(_state(), data, config=config.StepConfig(), batch_size=4)
 
 
+class PredictTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('class_index', None),
+      ('class_values', (5.0, 15.0, 30.0, 60.0)),
+  )
+  def test_predictions_agree_with_eval_sums(self, class_values):
+    step_config = config.StepConfig(class_values=class_values)
+    s = _state()
+    data = arrays(23, seed=4)
+    out = evaluate.predict(s, data, config=step_config, batch_size=8)
+    chex.assert_shape([out['pred'], out['expected']], [(23,), (23,)])
+    chex.assert_type(out['pred'], np.int32)
+    totals = evaluate.accumulate(s, data, config=step_config, batch_size=8)
+    confusion = np.zeros((_C, _C), np.int64)
+    np.add.at(confusion, (data['label'], out['pred']), 1)
+    np.testing.assert_array_equal(confusion, totals['confusion'])
+    np.testing.assert_allclose(
+        np.abs(out['expected'] - data['age']).sum(), totals['abs_err_expected'], rtol=1e-5
+    )
+
+  def test_padding_is_dropped_and_order_kept(self):
+    s = _state()
+    data = arrays(11, seed=5)
+    whole = evaluate.predict(s, data, config=config.StepConfig(), batch_size=16)
+    pieces = evaluate.predict(s, data, config=config.StepConfig(), batch_size=3)
+    chex.assert_trees_all_close(whole, pieces, rtol=1e-6)
+
+  def test_empty_dataset_raises(self):
+    data = {k: v[:0] for k, v in arrays(3).items()}
+    with self.assertRaisesRegex(ValueError, 'empty'):
+      evaluate.predict(_state(), data, config=config.StepConfig(), batch_size=4)
+
+
 # Dropout and flips make the test sensitive to the per-step keys.
 DROPOUT = dataclasses.replace(TINY, conv_dropout=0.25, dense_dropout=0.5)
 FLIP = config.StepConfig(augment=augment.AugmentConfig(flip_prob=0.5))

@@ -126,6 +126,12 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       )
       for name in ('config.json', 'metrics.jsonl', 'results.json'):
         self.assertTrue((pathlib.Path(tmp) / name).exists(), name)
+      with np.load(pathlib.Path(tmp) / 'predictions_test.npz') as saved:
+        self.assertNotIn('image', saved)
+        np.testing.assert_array_equal(saved['label'], data['test']['label'])
+        self.assertAlmostEqual(
+            float(np.mean(saved['pred'] == saved['label'])), first['test']['accuracy'], places=6
+        )
       self.assertTrue(list((pathlib.Path(tmp) / 'tensorboard').iterdir()))
       again = train.train_and_evaluate(
           _config(), data, tmp, log=lambda _: None, show_progress=False

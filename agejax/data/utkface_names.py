@@ -7,6 +7,10 @@ missing dot); the age is readable in all of them, so they are parsed, flagged, a
 import dataclasses
 import re
 
+# What the label codes mean (UTKFace's own documentation).
+GENDERS = ('male', 'female')
+RACES = ('White', 'Black', 'Asian', 'Indian', 'Others')
+
 _SUFFIX = 'jpg.chip.jpg'
 # Strict form first; the tolerant one accepts the known malformations.
 _STRICT = re.compile(r'^(\d+)_([01])_([0-4])_(\d+)\.jpg\.chip\.jpg$')
