@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals of scores computed from a confusion matrix.
+"""Bootstrap confidence intervals of test scores, and of differences between runs.
 
 A test set is a sample: a model's test accuracy of 8.7 % on 3,462 faces is
 known to about +-1 point, and two experiments 1 point apart may not differ at
@@ -51,8 +51,7 @@ def resample_confusion(key: jax.Array, cm: jax.Array, num_samples: int) -> jax.A
     ``int32 [num_samples, C, C]``; each sample holds ``n`` examples.
   """
   cm = _check_cm(cm)
-  if num_samples < 1:
-    raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
+  _check_num_samples(num_samples)
   counts = cm.ravel()
   n = int(jnp.sum(counts))
   # Example e (in cell order) lies in cell searchsorted(cumsum, e, 'right').
@@ -126,11 +125,15 @@ def mean_interval(
   values = jnp.asarray(values, jnp.float32)
   if values.ndim != 1 or values.shape[0] == 0:
     raise ValueError(f'values must have shape [n] with n >= 1, got {values.shape}.')
-  if num_samples < 1:
-    raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
+  _check_num_samples(num_samples)
   n = values.shape[0]
   means = jnp.mean(values[jax.random.randint(key, (num_samples, n), 0, n)], axis=1)
   return _percentiles(means, level)
+
+
+def _check_num_samples(num_samples: int) -> None:
+  if num_samples < 1:
+    raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
 
 
 def _check_level(level: float) -> None:
