@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -108,10 +109,11 @@ def predict(
   parallel.check_batch_size(batch_size, mesh)
   parts = []
   for batch in batching.eval_batches(arrays, batch_size):
-    out = jax.device_get(
-        steps.predict_step(state, parallel.shard_batch(batch, mesh), config=config)
-    )
-    parts.append({k: np.asarray(v)[batch['mask']] for k, v in out.items()})
+    sharded = parallel.shard_batch(batch, mesh)
+    out = steps.predict_step(state, sharded, config=config)
+    # The outputs are split over the devices (of every host): gather them whole.
+    out, mask = multihost_utils.process_allgather((out, sharded['mask']), tiled=True)
+    parts.append({k: np.asarray(v)[np.asarray(mask)] for k, v in out.items()})
   if not parts:
     raise ValueError('Cannot predict on an empty dataset.')
   return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -1,4 +1,4 @@
-"""Data-parallel training over 8 (simulated CPU) devices equals 1 device.
+"""Data-parallel training (and prediction) over 8 (simulated CPU) devices equals 1 device.
 
 XLA fixes the number of host devices when JAX starts, so the comparison runs
 in a subprocess started with ``--xla_force_host_platform_device_count=8``.
@@ -14,7 +14,7 @@ from absl.testing import parameterized
 
 _SCRIPT = textwrap.dedent("""
     import jax, numpy as np
-    from agejax import augment, batching, config, parallel, steps, synthetic
+    from agejax import augment, batching, config, evaluate, parallel, steps, synthetic
     assert jax.device_count() == 8, jax.devices()
     model = config.ModelConfig(
         num_classes=100, conv_filters=((4, 4), (8, 8), (8, 8)),
@@ -44,7 +44,12 @@ _SCRIPT = textwrap.dedent("""
                 jax.random.fold_in(step_key, i), config=step_config)
       sums = steps.eval_step(state, parallel.shard_batch(
           next(batching.eval_batches(data, 64)), mesh))
-      return jax.device_get((state.params, state.batch_stats, sums))
+      # 60 faces in batches of 16: the last batch is padded.
+      preds = evaluate.predict(
+          state, {k: v[:60] for k, v in data.items()}, config=config.StepConfig(),
+          batch_size=16, mesh=mesh)
+      assert preds['pred'].shape == (60,), preds['pred'].shape
+      return jax.device_get((state.params, state.batch_stats, sums, preds))
 
     one = run(parallel.data_mesh(jax.devices()[:1]), MODE)
     eight = run(parallel.data_mesh(), MODE)
