@@ -22,8 +22,8 @@ root=${AGEJAX_GPU_ROOT:-runs/gpu}
 # ~1 min of start-up, data and compilation on top of its training).
 protocols=${AGEJAX_GPU_PROTOCOLS:-dedup,leaky}
 experiments=${AGEJAX_GPU_EXPERIMENTS:-fc1,scratch}
-# FER: the study's 50 epochs at Adam 1e-3, the last 10 at 1e-4 (the drop that
-# took the CPU run from ~60 % to its final PublicTest accuracy; docs/RESULTS.md).
+# FER: the study's 50 epochs at Adam 1e-3, the last 10 at 1e-4 (on CPU, 20 + 5
+# epochs of this reached 64.8 % PublicTest / 65.5 % PrivateTest; docs/discussion.md).
 fer_stages=${AGEJAX_GPU_FER_STAGES:-fer:40:1e-3:none,fer_fine:10:1e-4:none}
 # Extra run flags, comma-separated, e.g. for a CPU dry run of the phases:
 # AGEJAX_GPU_FLAGS=--max_train_examples=256,--stop_after_epoch=1
