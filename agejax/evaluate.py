@@ -7,6 +7,7 @@ so the result does not depend on the batch size.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Mapping
 
 import jax
@@ -24,6 +25,16 @@ CS_CURVE_KS = tuple(range(11))
 TOLERANCE_K = 3
 
 
+def _sharded_batches(
+    arrays: Mapping[str, np.ndarray], batch_size: int, mesh: jax.sharding.Mesh | None
+) -> Iterator[dict[str, jax.Array]]:
+  """`batching.eval_batches` of ``arrays``, each split over ``mesh`` (default: every device)."""
+  mesh = parallel.data_mesh() if mesh is None else mesh
+  parallel.check_batch_size(batch_size, mesh)
+  for batch in batching.eval_batches(arrays, batch_size):
+    yield parallel.shard_batch(batch, mesh)
+
+
 def accumulate(
     state: steps.TrainState,
     arrays: Mapping[str, np.ndarray],
@@ -33,11 +44,9 @@ def accumulate(
     mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, np.ndarray]:
   """Sums of `agejax.steps.eval_step` over every example of ``arrays``."""
-  mesh = parallel.data_mesh() if mesh is None else mesh
-  parallel.check_batch_size(batch_size, mesh)
   totals = None
-  for batch in batching.eval_batches(arrays, batch_size):
-    sums = steps.eval_step(state, parallel.shard_batch(batch, mesh), config=config)
+  for batch in _sharded_batches(arrays, batch_size, mesh):
+    sums = steps.eval_step(state, batch, config=config)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
     raise ValueError('Cannot evaluate on an empty dataset.')
@@ -105,14 +114,11 @@ def predict(
   scores per subgroup (e.g. per ethnicity) need; the summed scores of
   `evaluate` cannot give them.
   """
-  mesh = parallel.data_mesh() if mesh is None else mesh
-  parallel.check_batch_size(batch_size, mesh)
   parts = []
-  for batch in batching.eval_batches(arrays, batch_size):
-    sharded = parallel.shard_batch(batch, mesh)
-    out = steps.predict_step(state, sharded, config=config)
+  for batch in _sharded_batches(arrays, batch_size, mesh):
+    out = steps.predict_step(state, batch, config=config)
     # The outputs are split over the devices (of every host): gather them whole.
-    out, mask = multihost_utils.process_allgather((out, sharded['mask']), tiled=True)
+    out, mask = multihost_utils.process_allgather((out, batch['mask']), tiled=True)
     parts.append({k: np.asarray(v)[np.asarray(mask)] for k, v in out.items()})
   if not parts:
     raise ValueError('Cannot predict on an empty dataset.')

@@ -92,6 +92,15 @@ def _images(batch: Batch) -> jax.Array:
   return batch['image'].astype(jnp.float32) / 255.0
 
 
+def _eval_logits(state: TrainState, batch: Batch) -> jax.Array:
+  """Logits in inference mode: BatchNorm on its running statistics, no dropout."""
+  return state.apply_fn(
+      {'params': state.params, 'batch_stats': state.batch_stats},
+      _images(batch),
+      train=False,
+  )
+
+
 def _train_step(
     state: TrainState,
     batch: Batch,
@@ -234,11 +243,7 @@ def eval_step(
   ``abs_err_median``. The true age is ``batch['age']`` when present, else the
   value of the true class.
   """
-  logits = state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      _images(batch),
-      train=False,
-  )
+  logits = _eval_logits(state, batch)
   num_classes = logits.shape[-1]
   labels = batch['label']
   mask = batch['mask']
@@ -277,11 +282,7 @@ def predict_step(
   expected class value of the predicted distribution (DEX; years for age
   classes, range values for ``config.class_values``), float32 ``[B]``.
   """
-  logits = state.apply_fn(
-      {'params': state.params, 'batch_stats': state.batch_stats},
-      _images(batch),
-      train=False,
-  )
+  logits = _eval_logits(state, batch)
   values = _class_values(config, logits.shape[-1])
   return {
       'pred': jnp.argmax(logits, -1).astype(jnp.int32),
