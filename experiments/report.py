@@ -300,6 +300,12 @@ def _study_row() -> list[str]:
   return cells
 
 
+def _shown(study: Study, plan: run_study.StudyPlan, protocol: str, experiment: str) -> bool:
+  """Whether a run has a place in the tables: planned by ``plan``, started or finished."""
+  key = f'{protocol}/{experiment}'
+  return (protocol, experiment) in plan.age_runs() or key in study.runs or key in study.unfinished
+
+
 def _label_names(num_classes: int) -> list[str]:
   if num_classes == ages.NUM_RANGES:
     return list(ages.RANGE_NAMES)
@@ -372,28 +378,41 @@ def fer_section(study: Study) -> str:
   ])
 
 
-def protocol_section(study: Study, protocol: str) -> str:
-  """Test scores of every experiment on ``protocol``, with the study's row."""
+def protocol_section(study: Study, plan: run_study.StudyPlan, protocol: str) -> str:
+  """Test scores of the experiments on ``protocol`` (see `_shown`), with the study's row.
+
+  Empty when ``plan`` has no run on ``protocol`` and none was started there.
+  """
+  experiments = [e for e in run_study.EXPERIMENTS if _shown(study, plan, protocol, e)]
+  if not experiments:
+    return ''
   rows = []
-  for experiment in run_study.EXPERIMENTS:
+  for experiment in experiments:
     run = study.get(protocol, experiment)
     name = f'{experiment} (11 ranges)' if experiment == 'ranges11' else experiment
     rows.append(_score_row(
         name, None if run is None else run.results['test'], _status(study, f'{protocol}/{experiment}')
     ))
   rows.append(_study_row())
-  rows.append(
-      ['**study** (11 ranges)', fmt(STUDY_FIGURES['ranges11_accuracy'], 'pct')] + [''] * (len(COLUMNS) - 1)
+  note = (
+      'Acc and CS@k in %, MAE in years (argmax decoding; "exp." = expected value, DEX),'
+      ' w/m = weighted/macro precision, recall, F1; tol3 = the study\'s ±3-tolerance'
+      ' adjusted score.'
   )
+  if 'ranges11' in experiments:
+    rows.append(
+        ['**study** (11 ranges)', fmt(STUDY_FIGURES['ranges11_accuracy'], 'pct')] + [''] * (len(COLUMNS) - 1)
+    )
+    note += (
+        ' ranges11 is scored over 11 ranges: CS@k counts ranges, MAE is in years between'
+        ' range midpoints.'
+    )
   return '\n'.join([
       f'## Test scores, `{protocol}` protocol',
       '',
       md_table(['Experiment'] + [h for _, h, _ in COLUMNS], rows),
       '',
-      'Acc and CS@k in %, MAE in years (argmax decoding; "exp." = expected value, DEX),'
-      ' w/m = weighted/macro precision, recall, F1; tol3 = the study\'s ±3-tolerance'
-      ' adjusted score. ranges11 is scored over 11 ranges: CS@k counts ranges,'
-      ' MAE is in years between range midpoints.',
+      note,
   ])
 
 
@@ -473,10 +492,12 @@ def _paired(a: Run, b: Run) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
   return per_example_scores(pa, num_classes), per_example_scores(pb, num_classes)
 
 
-def transfer_section(study: Study) -> str:
+def transfer_section(study: Study, plan: run_study.StudyPlan) -> str:
   """What FER transfer buys: fc1 minus scratch, per protocol, with bootstrap intervals."""
   rows = []
   for protocol in TABLE_PROTOCOLS:
+    if not (_shown(study, plan, protocol, 'fc1') or _shown(study, plan, protocol, 'scratch')):
+      continue
     diffs = transfer_diffs(study, protocol)
     if diffs is None:
       rows.append([protocol, NOT_RUN, '', '', ''])
@@ -497,6 +518,8 @@ def transfer_section(study: Study) -> str:
         )
       cells.append(f'{fmt_diff(diffs[key], kind)} ({_fmt_range(low, high, kind)})')
     rows.append(cells + ['paired' if paired is not None else 'unpaired'])
+  if not rows:
+    return ''
   return '\n'.join([
       '## Transfer vs scratch (fc1 minus scratch, test)',
       '',
@@ -539,8 +562,11 @@ def uncertainty_section(study: Study) -> str:
       '',
       f'Percentile bootstrap over the test faces ({BOOTSTRAP_SAMPLES} resamples of each run\'s'
       ' test confusion matrix, `agejax.bootstrap`, seed 0): how much each score would move'
-      ' on another test set of the same size, not across training seeds. ranges11 scores'
-      ' count ranges; its MAE, measured against ages in years, has no interval here.',
+      ' on another test set of the same size, not across training seeds.'
+      + (
+          ' ranges11 scores count ranges; its MAE, measured against ages in years, has no'
+          ' interval here.' if any('ranges11' in row[0] for row in rows) else ''
+      ),
   ])
 
 
@@ -552,10 +578,12 @@ def hash_leaks(run: Run) -> tuple[dict[str, int], dict[str, int]] | None:
   return split['hash_leaks_from_train'], split.get('split_counts', {})
 
 
-def leak_section(study: Study) -> str:
+def leak_section(study: Study, plan: run_study.StudyPlan) -> str:
   """fc1 on dedup, paper and leaky side by side, with the hash-leak counts."""
   rows = []
   for protocol in splits_lib.PROTOCOLS:
+    if not _shown(study, plan, protocol, 'fc1'):
+      continue
     run = study.get(protocol, 'fc1')
     if run is None:
       rows.append([protocol, _status(study, f'{protocol}/fc1')] + [''] * 6)
@@ -573,6 +601,8 @@ def leak_section(study: Study) -> str:
         [protocol] + [fmt(test[k], kind) for k, kind in (('accuracy', 'pct'), ('cs@3', 'pct'), ('mae', 'years'), ('macro_f1', 'ratio'))]
         + leak_cells
     )
+  if len(rows) < 2:  # nothing to compare
+    return ''
   lo, hi = STUDY_FIGURES['mae']
   return '\n'.join([
       '## Leakage: fc1 on the three split protocols',
@@ -602,8 +632,10 @@ def leak_section(study: Study) -> str:
 _SUBGROUPS = (('race', utkface_names.RACES), ('gender', utkface_names.GENDERS))
 
 
-def subgroup_section(study: Study, protocol: str) -> str:
+def subgroup_section(study: Study, plan: run_study.StudyPlan, protocol: str) -> str:
   """fc1's test accuracy and MAE per ethnicity and gender, with bootstrap intervals."""
+  if not _shown(study, plan, protocol, 'fc1'):
+    return ''
   title = f'## Subgroups: fc1 on `{protocol}` (test, 95 % bootstrap intervals)'
   run = study.get(protocol, 'fc1')
   if run is None:
@@ -639,8 +671,10 @@ def subgroup_section(study: Study, protocol: str) -> str:
   ])
 
 
-def per_class_section(study: Study, protocol: str) -> str:
+def per_class_section(study: Study, plan: run_study.StudyPlan, protocol: str) -> str:
   """Test F1 (support) of every age class of fc1, ten ages to a row (the study's Figure A9)."""
+  if not _shown(study, plan, protocol, 'fc1'):
+    return ''
   title = f'## Per-class test F1 (support), fc1 on `{protocol}`'
   run = study.get(protocol, 'fc1')
   if run is None:
@@ -660,8 +694,10 @@ def per_class_section(study: Study, protocol: str) -> str:
   ])
 
 
-def ranges_section(study: Study, protocol: str) -> str:
+def ranges_section(study: Study, plan: run_study.StudyPlan, protocol: str) -> str:
   """Per-range test precision, recall, F1 and support of ranges11 (the study's Figure A10)."""
+  if not _shown(study, plan, protocol, 'ranges11'):
+    return ''
   title = f'## 11 age ranges, `{protocol}` protocol (test)'
   run = study.get(protocol, 'ranges11')
   if run is None:
@@ -799,22 +835,28 @@ def discussion_section(study: Study, discussion: str = '') -> str:
 def render_markdown(
     study: Study, options: Options, figures: Mapping[str, Sequence[str]] | None = None
 ) -> str:
-  """The whole of RESULTS.md; ``figures`` maps run keys to figure paths relative to it."""
+  """The whole of RESULTS.md; ``figures`` maps run keys to figure paths relative to it.
+
+  Tables and sections cover the runs of ``options.plan`` and any other run
+  found under its root, so a report of part of the study (some protocols or
+  experiments) has no rows for runs nobody meant to make.
+  """
+  plan = options.plan
   sections = [
       header_section(study, options),
       fer_section(study),
-      *(protocol_section(study, p) for p in TABLE_PROTOCOLS),
-      transfer_section(study),
+      *(protocol_section(study, plan, p) for p in TABLE_PROTOCOLS),
+      transfer_section(study, plan),
       uncertainty_section(study),
-      leak_section(study),
-      subgroup_section(study, options.detail_protocol),
-      per_class_section(study, options.detail_protocol),
-      ranges_section(study, options.detail_protocol),
+      leak_section(study, plan),
+      subgroup_section(study, plan, options.detail_protocol),
+      per_class_section(study, plan, options.detail_protocol),
+      ranges_section(study, plan, options.detail_protocol),
       figures_section(figures or {}, options.detail_protocol),
       commands_section(study, options),
       discussion_section(study, options.discussion),
   ]
-  return '\n\n'.join(sections) + '\n'
+  return '\n\n'.join(section for section in sections if section) + '\n'
 
 
 # Figures.

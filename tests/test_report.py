@@ -11,6 +11,7 @@ import numpy as np
 
 from agejax import ages
 from experiments import report
+from experiments import run_study
 
 _CS_KS = range(11)
 
@@ -85,6 +86,9 @@ def _fake_study(root: pathlib.Path) -> None:
   _write_run(root, 'dedup/ranges11', _results(ages.NUM_RANGES, 0.55))
   _write_run(root, 'leaky/fc1', _results(100, 0.80, seed=7), {'validation': 12, 'test': 34})
   (root / 'paper' / 'fc1').mkdir(parents=True)  # started, not finished
+
+
+_PLAN = run_study.StudyPlan()
 
 
 class ReportTest(parameterized.TestCase):
@@ -250,17 +254,19 @@ class PredictionsTest(absltest.TestCase):
 
   def test_transfer_is_paired_when_both_runs_saved_the_same_faces(self):
     with tempfile.TemporaryDirectory() as tmp:
-      section = report.transfer_section(self._study(tmp))
+      section = report.transfer_section(self._study(tmp), _PLAN)
     self.assertRegex(section, r'\| dedup \| .* \| paired \|')
 
   def test_transfer_is_unpaired_for_different_faces(self):
     with tempfile.TemporaryDirectory() as tmp:
-      section = report.transfer_section(self._study(tmp, scratch_hashes=[f'x{i}' for i in range(400)]))
+      section = report.transfer_section(
+          self._study(tmp, scratch_hashes=[f'x{i}' for i in range(400)]), _PLAN
+      )
     self.assertRegex(section, r'\| dedup \| .* \| unpaired \|')
 
   def test_subgroups_of_fc1(self):
     with tempfile.TemporaryDirectory() as tmp:
-      section = report.subgroup_section(self._study(tmp), 'dedup')
+      section = report.subgroup_section(self._study(tmp), _PLAN, 'dedup')
     rows = [line for line in section.splitlines() if line.startswith('| race') or line.startswith('| gender')]
     self.assertLen(rows, 5 + 2)
     self.assertTrue(rows[0].startswith('| race: White | 80 | '))
@@ -269,7 +275,7 @@ class PredictionsTest(absltest.TestCase):
   def test_subgroups_without_predictions_say_how_to_get_them(self):
     with tempfile.TemporaryDirectory() as tmp:
       _write_run(pathlib.Path(tmp), 'dedup/fc1', _results(100, 0.3))
-      section = report.subgroup_section(report.load_study(tmp), 'dedup')
+      section = report.subgroup_section(report.load_study(tmp), _PLAN, 'dedup')
     self.assertIn('No per-example predictions', section)
 
   def test_unreadable_predictions_name_the_file(self):
@@ -292,6 +298,26 @@ class EmptyStudyTest(absltest.TestCase):
     # Two protocol tables of 8, transfer 2, leakage 3, commands 8 + 8 + 1 (every age run).
     self.assertEqual(md.count('| not run |'), 2 * 8 + 2 + 3 + 17)
     self.assertIn('- (no finished runs to discuss yet)', md)
+
+  def test_partial_plan_shows_only_its_runs(self):
+    plan = run_study.StudyPlan(
+        root='runs/part', protocols=('dedup',), experiments=('fc1', 'scratch'), leaky_experiments=()
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+      root = pathlib.Path(tmp) / 'runs'
+      _write_run(root, 'dedup/fc1', _results(100, 0.4))
+      study = report.load_study(root)
+      md = report.write_report(study, pathlib.Path(tmp) / 'out', report.Options(plan=plan, figures=('fc1',))).read_text()
+    dedup = md.split('## Test scores, `dedup` protocol')[1].split('## ')[0]
+    self.assertEqual(
+        [line.split(' | ')[0] for line in dedup.splitlines() if line.startswith('| ') and '**' not in line],
+        ['| Experiment', '| fc1', '| scratch'],
+    )
+    self.assertIn('| scratch | not run |', dedup)
+    for absent in ('`paper` protocol', '| paper |', '## Leakage', '## 11 age ranges', 'ranges11'):
+      self.assertNotIn(absent, md)
+    self.assertIn('| dedup | not run |', md.split('## Transfer vs scratch')[1])
+    self.assertIn('## Subgroups: fc1 on `dedup`', md)
 
 
 def _break_json(results: dict) -> str:
