@@ -127,19 +127,49 @@ def count_params(params: Any, spec: FreezeSpec = 'none') -> dict[str, int]:
   return counts
 
 
+def stage_groups(
+    params: Any, spec: FreezeSpec, earlier: Sequence[FreezeSpec] = ()
+) -> Any:
+  """Labels each leaf with its optimizer group in a stage that follows ``earlier``.
+
+  FROZEN, or the trainable group named after the stage since which the leaf
+  has trained without a break: TRAINABLE for the first stage,
+  ``'trainable_since_stage<j>'`` for stage j > 0. Each group gets its own
+  optimizer state, so a layer that starts training in a later stage starts
+  Adam from step 0 (with its bias correction), while the layers that keep
+  training keep their moments and step count.
+  """
+  history = [param_labels(params, s) for s in (*earlier, spec)]
+
+  def group(*labels):
+    if labels[-1] == FROZEN:
+      return FROZEN
+    since = len(labels) - 1
+    while since > 0 and labels[since - 1] == TRAINABLE:
+      since -= 1
+    return TRAINABLE if since == 0 else f'{TRAINABLE}_since_stage{since}'
+
+  return jax.tree_util.tree_map(group, *history)
+
+
 def make_optimizer(
     params: Any,
     spec: FreezeSpec,
     make_base: Callable[[], optax.GradientTransformation],
+    earlier: Sequence[FreezeSpec] = (),
 ) -> optax.GradientTransformation:
   """Wraps ``make_base()`` so that it only updates the trainable leaves.
 
   Frozen leaves get `optax.set_to_zero`, which keeps no state and lets XLA
-  drop their weight gradients from the compiled step.
+  drop their weight gradients from the compiled step. ``earlier`` are the
+  freezing specs of the run's earlier stages: each group of `stage_groups`
+  gets its own ``make_base()``.
   """
-  labels = param_labels(params, spec)
+  labels = stage_groups(params, spec, earlier)
+  groups = sorted(set(jax.tree_util.tree_leaves(labels)) - {FROZEN})
+  transforms = {g: make_base() for g in groups}
   return optax.partition(
-      {TRAINABLE: make_base(), FROZEN: optax.set_to_zero()}, labels
+      {**transforms, FROZEN: optax.set_to_zero()}, labels
   )
 
 
@@ -147,8 +177,9 @@ def carry_opt_state(old_state: Any, new_state: Any) -> Any:
   """Copies into ``new_state`` every leaf of ``old_state`` at the same path.
 
   When a new stage changes the freezing or the learning rate, its optimizer is
-  built afresh; Adam's moments (and step count) of the leaves that train in
-  both stages carry over, and leaves that start training start from zero.
+  built afresh; Adam's moments and step count of the groups that train in
+  both stages carry over (`stage_groups` keeps their labels, hence their
+  paths), and a group that starts training starts from zero.
   """
   old = {
       jax.tree_util.keystr(p): v

@@ -9,7 +9,7 @@ batch means, so that totals over an epoch are exact whatever the padding.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -45,6 +45,7 @@ def _stage_parts(
     model_config: config_lib.ModelConfig,
     stage: config_lib.StageConfig,
     variables: dict[str, Any],
+    earlier_stages: Sequence[config_lib.StageConfig],
 ) -> tuple[nn.Module, optax.GradientTransformation]:
   frozen_bn = freezing.frozen_batch_norm_layers(
       variables['params'], variables['batch_stats'], stage.freeze
@@ -53,6 +54,7 @@ def _stage_parts(
       variables['params'],
       stage.freeze,
       lambda: optax.adam(stage.learning_rate),
+      earlier=[s.freeze for s in earlier_stages],
   )
   return model_config.build(frozen_bn), tx
 
@@ -61,9 +63,15 @@ def create_train_state(
     model_config: config_lib.ModelConfig,
     stage: config_lib.StageConfig,
     variables: dict[str, Any],
+    earlier_stages: Sequence[config_lib.StageConfig] = (),
 ) -> TrainState:
-  """A fresh train state for ``stage`` (its freezing and learning rate)."""
-  model, tx = _stage_parts(model_config, stage, variables)
+  """A fresh train state for ``stage`` (its freezing and learning rate).
+
+  ``earlier_stages`` (the run's stages before ``stage``) give the optimizer
+  state its structure (`agejax.freezing.stage_groups`), e.g. to restore a
+  checkpoint saved during ``stage``.
+  """
+  model, tx = _stage_parts(model_config, stage, variables, earlier_stages)
   return TrainState.create(
       apply_fn=model.apply,
       params=variables['params'],
@@ -76,14 +84,19 @@ def start_stage(
     state: TrainState,
     model_config: config_lib.ModelConfig,
     stage: config_lib.StageConfig,
+    earlier_stages: Sequence[config_lib.StageConfig],
 ) -> TrainState:
-  """Switches ``state`` to a new stage's freezing and learning rate.
+  """Switches ``state`` from the last of ``earlier_stages`` to ``stage``.
 
-  Adam's moments of the leaves that train in both stages carry over (see
-  `agejax.freezing.carry_opt_state`); the step counter continues.
+  Adam's moments and step count of the leaves that train in both stages carry
+  over (`agejax.freezing.carry_opt_state`); leaves that start training get
+  their own Adam state from step 0 (`agejax.freezing.stage_groups`).
+  ``state.step`` continues.
   """
+  if not earlier_stages:
+    raise ValueError('start_stage needs the stages before the new one.')
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  model, tx = _stage_parts(model_config, stage, variables)
+  model, tx = _stage_parts(model_config, stage, variables, earlier_stages)
   opt_state = freezing.carry_opt_state(state.opt_state, tx.init(state.params))
   return state.replace(apply_fn=model.apply, tx=tx, opt_state=opt_state)
 

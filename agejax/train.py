@@ -168,7 +168,8 @@ def train_and_evaluate(
     done, history, best = progress['epoch'], progress['history'], progress['best']
     stage_idx = plan[done - 1][0]
     template = steps.create_train_state(
-        model_config, config.stages[stage_idx], variables
+        model_config, config.stages[stage_idx], variables,
+        config.stages[:stage_idx],
     )
     restored = ckpts.restore_latest(
         checkpoints.abstract_like(_state_tree(template), parallel.replicated(mesh))
@@ -193,7 +194,7 @@ def train_and_evaluate(
       s, e = plan[g]
       stage = config.stages[s]
       if s != stage_idx:
-        state = steps.start_stage(state, model_config, stage)
+        state = steps.start_stage(state, model_config, stage, config.stages[:s])
         stage_idx = s
       start = time.time()
       epoch_key = jax.random.fold_in(train_key, g)

@@ -22,9 +22,8 @@ root=${AGEJAX_GPU_ROOT:-runs/gpu}
 # ~1 min of start-up, data and compilation on top of its training).
 protocols=${AGEJAX_GPU_PROTOCOLS:-dedup,leaky}
 experiments=${AGEJAX_GPU_EXPERIMENTS:-fc1,scratch}
-# FER: the study's 50 epochs at Adam 1e-3, the last 10 at 1e-4 (on CPU, 20 + 5
-# epochs of this reached 64.8 % PublicTest / 65.5 % PrivateTest; docs/discussion.md).
-fer_stages=${AGEJAX_GPU_FER_STAGES:-fer:40:1e-3:none,fer_fine:10:1e-4:none}
+# FER stages (default: fer.cfg's 50 epochs, 40 at Adam 1e-3 and 10 at 1e-4).
+fer_stages=${AGEJAX_GPU_FER_STAGES:-}
 # Extra run flags, comma-separated, e.g. for a CPU dry run of the phases:
 # AGEJAX_GPU_FLAGS=--max_train_examples=256,--stop_after_epoch=1
 extra=${AGEJAX_GPU_FLAGS:+,$AGEJAX_GPU_FLAGS}

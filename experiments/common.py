@@ -1,8 +1,10 @@
 """Flags shared by the experiment programs, and the configs built from them.
 
 This is the only place where flags become `agejax.config` dataclasses; the
-library itself never reads flags. Each program imports this module, so every
-flag below exists in every program and one flagfile format serves them all.
+library itself never reads flags. The training programs (`finetune`,
+`pretrain_fer`) and `data_report` import this module, so they share these flags
+and one flagfile format; `run_study` passes them on to its runs through
+``--extra_flags``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ shaded), figure_a2_age_boxplot.png (age distribution per split) and data_report.
 (prepare report, cleaning and split report, per-split counts per age).
 """
 
-import json
 import os
 
 import matplotlib
@@ -18,18 +17,15 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from agejax import run_logging
 from agejax.data import splits as splits_lib
 from agejax.data import utk_face
+# Defines --manual_dir, --tfds_data_dir, --protocol and --split_seed, as for training.
+from experiments import common  # pylint: disable=unused-import
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_MANUAL_DIR = flags.DEFINE_string(
-    'manual_dir', os.environ.get('AGEJAX_DATA_DIR', os.path.join(_REPO, '..', 'shared', 'data')),
-    'Folder with UTKFace.tar.gz or UTKFace/ (default $AGEJAX_DATA_DIR or ../shared/data).')
-_DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data_dir (default ~/tensorflow_datasets).')
 _OUT_DIR = flags.DEFINE_string('out_dir', 'outputs/data_report', 'Where to write PNG and JSON.')
-_PROTOCOL = flags.DEFINE_enum('protocol', 'dedup', list(splits_lib.PROTOCOLS), 'Split protocol.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Split seed.')
 _MAX_AGE = flags.DEFINE_integer('max_age', 99, 'Largest age kept (classes 0..max_age).')
+FLAGS = flags.FLAGS
 
 
 def plot_images_per_age(ages: np.ndarray, max_age: int, path: str) -> None:
@@ -56,9 +52,9 @@ def plot_age_boxplot(split_ages: dict[str, np.ndarray], path: str) -> None:
 
 def main(argv):
   del argv
-  arrays, prepare_report = utk_face.load(_MANUAL_DIR.value, data_dir=_DATA_DIR.value)
+  arrays, prepare_report = utk_face.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
   splits, split_report = splits_lib.make_splits(
-      arrays, protocol=_PROTOCOL.value, seed=_SEED.value, max_age=_MAX_AGE.value)
+      arrays, protocol=FLAGS.protocol, seed=FLAGS.split_seed, max_age=_MAX_AGE.value)
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   plot_images_per_age(arrays['age'], _MAX_AGE.value,
                       os.path.join(_OUT_DIR.value, 'figure1_images_per_age.png'))
@@ -71,9 +67,9 @@ def main(argv):
           name: np.bincount(s['label'], minlength=_MAX_AGE.value + 1).tolist()
           for name, s in splits.items()},
   }
-  with open(os.path.join(_OUT_DIR.value, 'data_report.json'), 'w') as f:
-    json.dump(report, f, indent=2)
-  print(json.dumps(split_report, indent=2))
+  run_logging.write_json(os.path.join(_OUT_DIR.value, 'data_report.json'), report)
+  print(f'Wrote {_OUT_DIR.value}: figures and data_report.json.')
+  print(f'Split ({FLAGS.protocol}, seed {FLAGS.split_seed}):', split_report.get('split_counts'))
 
 
 if __name__ == '__main__':

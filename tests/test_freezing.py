@@ -274,10 +274,19 @@ class TrainingObeysFreezingTest(parameterized.TestCase):
                                  err_msg=path)
 
 
+def _adam_groups(state):
+  """{group: (count, mu, nu)} of every trainable group's Adam state."""
+  out = {}
+  for group, inner in state.opt_state.inner_states.items():
+    if group != freezing.FROZEN:
+      adam = inner.inner_state[0]
+      out[group] = (int(adam.count), flat(adam.mu), flat(adam.nu))
+  return out
+
+
 def _adam_moments(state):
-  """(count, mu, nu) of the trainable partition's Adam state."""
-  adam = state.opt_state.inner_states[freezing.TRAINABLE].inner_state[0]
-  return adam.count, flat(adam.mu), flat(adam.nu)
+  """(count, mu, nu) of the first stage's trainable group."""
+  return _adam_groups(state)[freezing.TRAINABLE]
 
 
 class StartStageTest(parameterized.TestCase):
@@ -294,56 +303,96 @@ class StartStageTest(parameterized.TestCase):
     params_before = jax.device_get(state.params)
     spec = CASES[second][0]
     spec = spec if isinstance(spec, str) else tuple(spec)
+    first_stage = config.StageConfig('one', 1, 1e-2, first)
     new = steps.start_stage(
-        state, SMALL, config.StageConfig('two', 1, 1e-3, spec)
+        state, SMALL, config.StageConfig('two', 1, 1e-3, spec), [first_stage]
     )
 
     new_frozen = CASES[second][1]
     self.assertEqual(new.apply_fn.__self__.frozen_bn, CASES[second][2])
     self.assertEqual(int(new.step), 2)
-    count, mu, nu = _adam_moments(new)
-    self.assertEqual(int(count), 2)
-    # Moments exist for exactly the leaves trainable in the new stage.
-    self.assertEqual(set(mu), ALL - new_frozen)
-    self.assertEqual(set(nu), ALL - new_frozen)
-    for path in ALL - new_frozen:
-      if path in old_mu:  # trainable in both stages: carried exactly
-        np.testing.assert_array_equal(mu[path], old_mu[path], err_msg=path)
-        np.testing.assert_array_equal(nu[path], old_nu[path], err_msg=path)
-        self.assertTrue(np.any(mu[path] != 0), path)
-      else:  # newly trainable: starts from zero
-        np.testing.assert_array_equal(mu[path], 0.0, err_msg=path)
-        np.testing.assert_array_equal(nu[path], 0.0, err_msg=path)
+    groups = jax.device_get(_adam_groups(new))
+    count, mu, nu = groups[freezing.TRAINABLE]
+    self.assertEqual(count, 2)
+    # Leaves trainable in both stages keep their moments and step count.
+    self.assertEqual(set(mu), (ALL - new_frozen) & set(old_mu))
+    for path in mu:
+      np.testing.assert_array_equal(mu[path], old_mu[path], err_msg=path)
+      np.testing.assert_array_equal(nu[path], old_nu[path], err_msg=path)
+      self.assertTrue(np.any(mu[path] != 0), path)
+    # Newly trainable leaves get their own Adam state, from step 0.
+    newly = (ALL - new_frozen) - set(old_mu)
+    if newly:
+      self.assertEqual(set(groups), {freezing.TRAINABLE, 'trainable_since_stage1'})
+      count1, mu1, nu1 = groups['trainable_since_stage1']
+      self.assertEqual(count1, 0)
+      self.assertEqual(set(mu1), newly)
+      for path in newly:
+        np.testing.assert_array_equal(mu1[path], 0.0, err_msg=path)
+        np.testing.assert_array_equal(nu1[path], 0.0, err_msg=path)
+    else:
+      self.assertEqual(set(groups), {freezing.TRAINABLE})
     # The parameters and statistics themselves are untouched.
     chex.assert_trees_all_equal(new.params, params_before)
 
+  def test_newly_trainable_layers_take_bias_corrected_steps(self):
+    # Adam's first step moves every trainable value by about the learning
+    # rate (sign of the gradient); a layer unfrozen after 20 steps must do
+    # the same, not ~3x that, as it would with the carried step count.
+    lr = 1e-3
+    stages = [config.StageConfig('one', 1, 1e-2, 'paper'), config.StageConfig('two', 1, lr, 'none')]
+    state = train(adam_state('paper'), 20)
+    state = steps.start_stage(state, SMALL, stages[1], stages[:1])
+    before = jax.device_get(flat(state.params))
+    state = train(state, 1, first=20)
+    after = jax.device_get(flat(state.params))
+    for path in CASES['paper'][1]:
+      step = np.abs(after[path] - before[path])
+      moved = step[step > 0]
+      self.assertNotEmpty(moved, path)
+      np.testing.assert_allclose(np.median(moved), lr, rtol=0.05, err_msg=path)
+
+  def test_start_stage_needs_the_earlier_stages(self):
+    with self.assertRaisesRegex(ValueError, 'stages before'):
+      steps.start_stage(adam_state('paper'), SMALL, config.StageConfig('two', 1, 1e-3, 'none'), [])
+
   def test_unfreeze_train_then_freeze_again(self):
+    stages = [
+        config.StageConfig('one', 1, 1e-2, 'paper'),
+        config.StageConfig('two', 1, 1e-3, 'none'),
+        config.StageConfig('three', 1, 1e-4, 'paper'),
+        config.StageConfig('four', 1, 1e-4, 'none'),
+    ]
     state = train(adam_state('paper'), 2)
     before = jax.device_get(state.params)
-    state = steps.start_stage(
-        state, SMALL, config.StageConfig('two', 1, 1e-3, 'none')
-    )
+    state = steps.start_stage(state, SMALL, stages[1], stages[:1])
     state = train(state, 1, first=2)
     self.assertEqual(int(state.step), 3)
-    count, mu, nu = jax.device_get(_adam_moments(state))
-    self.assertEqual(int(count), 3)
-    self.assertEqual(set(mu), ALL)
+    groups = jax.device_get(_adam_groups(state))
+    self.assertEqual(groups[freezing.TRAINABLE][0], 3)
+    self.assertEqual(groups['trainable_since_stage1'][0], 1)
     after = flat(state.params)
     for path, old in flat(before).items():  # including the once-frozen ones
       self.assertFalse(np.array_equal(after[path], old), path)
 
-    # Back to the paper's freezing: its frozen leaves lose their moments,
-    # the others keep theirs, and the count goes on.
-    state = steps.start_stage(
-        state, SMALL, config.StageConfig('three', 1, 1e-4, 'paper')
-    )
-    count3, mu3, nu3 = _adam_moments(state)
-    self.assertEqual(int(count3), 3)
+    # Back to the paper's freezing: the leaves unfrozen in stage two lose
+    # their moments, the others keep theirs, and their count goes on.
+    state = steps.start_stage(state, SMALL, stages[2], stages[:2])
+    groups3 = jax.device_get(_adam_groups(state))
+    self.assertEqual(set(groups3), {freezing.TRAINABLE})
+    count3, mu3, nu3 = groups3[freezing.TRAINABLE]
+    self.assertEqual(count3, 3)
     self.assertEqual(int(state.step), 3)
     self.assertEqual(set(mu3), ALL - CASES['paper'][1])
     for path in mu3:
-      np.testing.assert_array_equal(mu3[path], mu[path], err_msg=path)
-      np.testing.assert_array_equal(nu3[path], nu[path], err_msg=path)
+      np.testing.assert_array_equal(mu3[path], groups[freezing.TRAINABLE][1][path], err_msg=path)
+      np.testing.assert_array_equal(nu3[path], groups[freezing.TRAINABLE][2][path], err_msg=path)
+
+    # Unfrozen once more: a break in training means a fresh Adam state.
+    state = steps.start_stage(state, SMALL, stages[3], stages[:3])
+    groups4 = jax.device_get(_adam_groups(state))
+    self.assertEqual(set(groups4), {freezing.TRAINABLE, 'trainable_since_stage3'})
+    self.assertEqual(groups4['trainable_since_stage3'][0], 0)
 
 
 class CarryOptStateTest(chex.TestCase):
