@@ -59,6 +59,12 @@ class RunCheckpoints:
     )
 
   def save_best(self, epoch: int, variables: Any, meta: dict[str, Any]) -> None:
+    """Saves the best variables and returns once they are on disk.
+
+    Synchronous, unlike `save_latest`: the latest checkpoint that follows
+    records this epoch as the best, and a run killed between the two saves
+    must not resume with a best score whose variables were never written.
+    """
     self._best.save(
         epoch,
         args=ocp.args.Composite(
@@ -66,6 +72,7 @@ class RunCheckpoints:
             meta=ocp.args.JsonSave(meta),
         ),
     )
+    self._best.wait_until_finished()
 
   def latest_progress(self) -> dict[str, Any] | None:
     """The progress JSON of the latest checkpoint, or None for a new run."""

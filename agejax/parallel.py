@@ -61,14 +61,16 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Moves a host batch to the devices, split along the batch axis.
+  """Moves a global batch to the devices, split along the batch axis.
 
-  Single-host only: each host of a multi-host run would pass its own slice
-  through `jax.make_array_from_process_local_data` instead.
+  In a multi-host run every host holds the same global batch (the input
+  pipeline is deterministic and loads all of each split on every host), and
+  each host places the slices of its own devices: the global array has the
+  batch's shape, not one batch per host.
   """
+  sharding = batch_sharding(mesh)
   if jax.process_count() > 1:
-    sharding = batch_sharding(mesh)
     return jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(sharding, x), batch
+        lambda x: jax.make_array_from_process_local_data(sharding, x, x.shape), batch
     )
-  return jax.device_put(batch, batch_sharding(mesh))
+  return jax.device_put(batch, sharding)

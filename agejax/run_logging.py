@@ -20,6 +20,30 @@ def write_json(path: str | pathlib.Path, obj: Any) -> None:
   tmp.replace(path)
 
 
+def write_run_record(
+    path: str | pathlib.Path, record: Mapping[str, Any], identity: Sequence[str]
+) -> None:
+  """Writes ``record`` as JSON at ``path``, refusing to replace a different one.
+
+  For a run directory's record of its inputs (e.g. which data it used): a
+  resumed or re-evaluated run must use the same inputs. The file already at
+  ``path``, if any, must agree with ``record`` on the top-level keys of
+  ``identity`` (other keys, such as where the files were read from, may
+  change); otherwise it is left as it is and ValueError names the keys.
+  """
+  path = pathlib.Path(path)
+  if path.exists():
+    try:
+      saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+      raise ValueError(f'{path} is unreadable ({e}); move it away to start afresh.') from e
+    new = json.loads(json.dumps({k: record.get(k) for k in identity}, default=_plain))
+    differ = [k for k in identity if saved.get(k) != new[k]]
+    if differ:
+      raise ValueError(f'{path} records other inputs ({", ".join(differ)} differ).')
+  write_json(path, record)
+
+
 def write_predictions(
     path: str | pathlib.Path,
     arrays: Mapping[str, np.ndarray],
@@ -75,10 +99,11 @@ class TensorBoardWriter:
   def __init__(self, logdir: str | pathlib.Path):
     self._writer = SummaryWriter(str(logdir))
 
-  def scalars(self, step: int, values: Mapping[str, Any], prefix: str = '') -> None:
+  def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+    """Writes the numeric entries of ``values`` at ``step``; skips the rest."""
     for name, value in values.items():
       if isinstance(value, (int, float, np.number)):
-        self._writer.add_scalar(f'{prefix}{name}', float(value), step)
+        self._writer.add_scalar(name, float(value), step)
     self._writer.flush()
 
   def close(self) -> None:

@@ -187,9 +187,11 @@ def train_and_evaluate(
         {'image': train['image'], 'label': train['label']}, mesh
     )
 
+  last = len(plan) if stop_after_epoch is None else min(stop_after_epoch, len(plan))
+  if done < last:
+    _check_score_names(config, state, data['validation'], mesh)
   writer = run_logging.TensorBoardWriter(workdir / 'tensorboard')
   try:
-    last = len(plan) if stop_after_epoch is None else min(stop_after_epoch, len(plan))
     for g in range(done, last):
       s, e = plan[g]
       stage = config.stages[s]
@@ -232,11 +234,6 @@ def train_and_evaluate(
       history.append(entry)
       log(_format_entry(desc, entry, config.history_metrics))
       writer.scalars(g + 1, {k: v for k, v in entry.items() if k != 'epoch'})
-      if config.select_metric not in val:
-        raise KeyError(
-            f'select_metric {config.select_metric!r} is not a validation score;'
-            f' choose one of {sorted(k for k in val if k != "per_class")}.'
-        )
       value = val[config.select_metric]
       if _better(value, best, config.select_mode):
         best = value
@@ -299,6 +296,37 @@ def train_and_evaluate(
       )
   run_logging.write_json(workdir / 'results.json', results)
   return results
+
+
+def _check_score_names(
+    config: config_lib.TrainConfig,
+    state: steps.TrainState,
+    validation: Arrays,
+    mesh: jax.sharding.Mesh,
+) -> None:
+  """Raises before the first epoch, not after it, on an unknown score name.
+
+  The names come from evaluating one batch of ``validation``: the scores
+  `agejax.evaluate.summarize` gives this model and data.
+  """
+  probe = {k: v[: config.eval_batch_size] for k, v in validation.items()}
+  scores, _ = evaluate_lib.evaluate(
+      state, probe, config=config.step, batch_size=config.eval_batch_size, mesh=mesh
+  )
+  names = sorted(k for k in scores if k != 'per_class')
+  unknown = [
+      f'{field} {name!r}'
+      for field, wanted in (
+          ('select_metric', (config.select_metric,)),
+          ('history_metrics', config.history_metrics),
+      )
+      for name in wanted
+      if name not in names
+  ]
+  if unknown:
+    raise ValueError(
+        f'{", ".join(unknown)}: not a validation score; choose from {names}.'
+    )
 
 
 def _train_epoch_loop(

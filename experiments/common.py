@@ -21,6 +21,7 @@ from agejax import ages
 from agejax import augment
 from agejax import config as config_lib
 from agejax import parallel
+from agejax import run_logging
 from agejax import synthetic
 from agejax.data import balance
 from agejax.data import fer2013
@@ -58,7 +59,10 @@ flags.DEFINE_integer('class_cap', None, 'Keep at most this many training images 
 flags.DEFINE_bool('class_weights', False, "Weight the loss by sklearn's 'balanced' class weights.")
 flags.DEFINE_integer('synthetic_train', 2000, 'Synthetic training faces.')
 flags.DEFINE_integer('synthetic_eval', 500, 'Synthetic validation and test faces (each).')
-flags.DEFINE_integer('max_train_examples', None, 'Truncate the training split (smoke runs).')
+flags.DEFINE_integer(
+    'max_train_examples', None,
+    'Train on this many examples, drawn at random with --split_seed (smoke runs).',
+)
 
 # Model.
 flags.DEFINE_list('dense_units', None, 'Hidden dense layers of the head (default: task preset).')
@@ -155,10 +159,10 @@ def train_config(task: str, *, num_classes: int, class_weights: np.ndarray | Non
 
 
 def _truncate(splits: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
-  if FLAGS.max_train_examples:
-    n = FLAGS.max_train_examples
-    splits = {**splits, 'train': {k: v[:n] for k, v in splits['train'].items()}}
-  return splits
+  if not FLAGS.max_train_examples:
+    return splits
+  train = balance.random_subset(splits['train'], n=FLAGS.max_train_examples, seed=FLAGS.split_seed)
+  return {**splits, 'train': train}
 
 
 def fer_data() -> dict[str, dict[str, np.ndarray]]:
@@ -191,7 +195,30 @@ def age_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
         name: {**s, 'label': np.asarray(ages.age_to_range(s['age']))}
         for name, s in splits.items()
     }
-  return _truncate(splits), report
+  splits = _truncate(splits)
+  if FLAGS.max_train_examples:
+    report['train_truncated_to'] = len(splits['train']['label'])
+  return splits, report
+
+
+# The parts of an age run's data report that say which faces it trains and is
+# scored on (not where the files were read from).
+_DATA_IDENTITY = ('data', 'split', 'train_before_balancing', 'train_after_balancing', 'train_truncated_to')
+
+
+def write_data_report(workdir: str, report: dict[str, Any]) -> None:
+  """Writes ``<workdir>/data_report.json``, refusing to replace one of other data.
+
+  A run resumed or re-evaluated with other data flags would continue on, or
+  be scored on, other faces, possibly ones it trained on.
+  """
+  try:
+    run_logging.write_run_record(pathlib.Path(workdir) / 'data_report.json', report, _DATA_IDENTITY)
+  except ValueError as e:
+    raise ValueError(
+        f'{e} Resume the run with its own data flags (--data, --protocol, --split_seed,'
+        ' --undersample_age/_n, --class_cap, --max_train_examples), or choose a new --workdir.'
+    ) from e
 
 
 def _balance(splits: dict[str, dict[str, np.ndarray]], report: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:

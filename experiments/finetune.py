@@ -9,7 +9,6 @@ report of what was loaded is printed and saved); without it, from scratch.
 from absl import app
 from absl import flags
 
-from agejax import run_logging
 from agejax import train
 from agejax.data import balance
 from experiments import common
@@ -29,7 +28,10 @@ def main(argv):
       else None
   )
   config = common.train_config('age', num_classes=num_classes, class_weights=weights)
-  run_logging.write_json(f'{FLAGS.workdir}/data_report.json', data_report)
+  try:
+    common.write_data_report(FLAGS.workdir, data_report)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   results = train.train_and_evaluate(
       config, data, FLAGS.workdir, show_progress=FLAGS.progress,
       stop_after_epoch=FLAGS.stop_after_epoch,

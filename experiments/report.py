@@ -404,8 +404,8 @@ def protocol_section(study: Study, plan: run_study.StudyPlan, protocol: str) -> 
         ['**study** (11 ranges)', fmt(STUDY_FIGURES['ranges11_accuracy'], 'pct')] + [''] * (len(COLUMNS) - 1)
     )
     note += (
-        ' ranges11 is scored over 11 ranges: CS@k counts ranges, MAE is in years between'
-        ' range midpoints.'
+        ' ranges11 is scored over 11 ranges: CS@k counts ranges, MAE is in years from the'
+        ' predicted range\'s midpoint to the true age.'
     )
   return '\n'.join([
       f'## Test scores, `{protocol}` protocol',
@@ -680,13 +680,17 @@ def per_class_section(study: Study, plan: run_study.StudyPlan, protocol: str) ->
   if run is None:
     return f'{title}\n\n{_status(study, f"{protocol}/fc1")}.'
   per_class = run.results['test']['per_class']
+  predicted = _test_confusion(run).sum(axis=0)
   n = len(per_class['f1'])
+
+  def cell(i: int) -> str:
+    support = int(per_class['support'][i])
+    undefined = support == 0 and predicted[i] == 0
+    return f'{"–" if undefined else fmt(per_class["f1"][i], "ratio")} ({support})'
+
   rows = []
   for start in range(0, n, 10):
-    cells = [
-        f'{fmt(per_class["f1"][i], "ratio")} ({int(per_class["support"][i])})'
-        for i in range(start, min(start + 10, n))
-    ]
+    cells = [cell(i) for i in range(start, min(start + 10, n))]
     rows.append([f'{start}–{start + len(cells) - 1}'] + cells + [''] * (10 - len(cells)))
   return '\n'.join([
       title, '', md_table(['Ages'] + [f'+{i}' for i in range(10)], rows),
@@ -715,7 +719,7 @@ def ranges_section(study: Study, plan: run_study.StudyPlan, protocol: str) -> st
   return '\n'.join([
       title, '',
       f'Accuracy {fmt(test["accuracy"], "pct")}% (study: {fmt(STUDY_FIGURES["ranges11_accuracy"], "pct")}%),'
-      f' MAE {fmt(test["mae"], "years")} years between range midpoints.',
+      f' MAE {fmt(test["mae"], "years")} years (predicted range\'s midpoint to the true age).',
       '', md_table(['Range', 'Precision', 'Recall', 'F1', 'Support'], rows),
   ])
 
@@ -980,7 +984,9 @@ def write_report(study: Study, out_dir: str | pathlib.Path, options: Options) ->
       paths = write_figures(run, out_dir / 'figures')
       figures[key] = [str(p.relative_to(out_dir)) for p in paths]
   path = out_dir / 'RESULTS.md'
-  path.write_text(render_markdown(study, options, figures))
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(render_markdown(study, options, figures))
+  tmp.replace(path)  # a crash mid-write leaves the previous RESULTS.md whole
   return path
 
 

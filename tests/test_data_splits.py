@@ -147,6 +147,26 @@ class BalanceTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, message):
       balance.class_weights(self._labelled()['label'], **args)
 
+  def test_random_subset_is_seeded_ordered_and_spread(self):
+    ages = np.repeat(np.arange(10), 100)  # sorted, as file names sort real splits
+    data = {'label': ages, 'id': np.arange(len(ages))}
+    out = balance.random_subset(data, n=100, seed=3)
+    self.assertLen(out['id'], 100)
+    self.assertTrue(np.all(np.diff(out['id']) > 0))
+    np.testing.assert_array_equal(out['label'], ages[out['id']])
+    self.assertLen(set(out['label'].tolist()), 10)  # every age, not the first rows' one
+    chex.assert_trees_all_equal(out, balance.random_subset(data, n=100, seed=3))
+    self.assertFalse(np.array_equal(out['id'], balance.random_subset(data, n=100, seed=4)['id']))
+
+  @parameterized.named_parameters(('all', 16), ('more_than_all', 100))
+  def test_random_subset_of_everything(self, n):
+    data = self._labelled()
+    self.assertIs(balance.random_subset(data, n=n, seed=0), data)
+
+  def test_random_subset_negative_raises(self):
+    with self.assertRaisesRegex(ValueError, 'n must be >= 0'):
+      balance.random_subset(self._labelled(), n=-1, seed=0)
+
   def test_uniform_weights(self):
     chex.assert_trees_all_equal(balance.class_weights(np.array([0, 1]), 3, scheme='uniform'),
                                 np.ones(3, np.float32))

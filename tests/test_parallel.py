@@ -8,9 +8,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import jax
+import numpy as np
+
+from agejax import parallel
 
 _SCRIPT = textwrap.dedent("""
     import jax, numpy as np
@@ -78,6 +83,20 @@ class DataParallelTest(parameterized.TestCase):
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertIn('max abs difference', result.stdout)
     self.assertIn('does not divide evenly over 8 devices', result.stdout)
+
+
+class ShardBatchTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(('one_host', 1), ('every_host_holds_the_batch', 2))
+  def test_global_batch_keeps_its_shape(self, hosts):
+    # A multi-host run cannot start here; with process_count() patched, the
+    # multi-host path must still place the one global batch, not one per host.
+    batch = {'image': np.arange(8 * 3, dtype=np.uint8).reshape(8, 3), 'label': np.arange(8)}
+    with mock.patch.object(jax, 'process_count', return_value=hosts):
+      out = parallel.shard_batch(batch, parallel.data_mesh())
+    for key, value in batch.items():
+      self.assertEqual(out[key].shape, value.shape)
+      np.testing.assert_array_equal(np.asarray(out[key]), value)
 
 
 if __name__ == '__main__':

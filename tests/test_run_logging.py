@@ -1,12 +1,64 @@
-"""Tests of agejax.run_logging's per-example prediction files."""
+"""Tests of agejax.run_logging: run records and per-example prediction files."""
 
+import json
 import pathlib
 import tempfile
 
 from absl.testing import absltest
+from absl.testing import parameterized
 import numpy as np
 
 from agejax import run_logging
+
+
+_RECORD = {
+    'data': 'real',
+    'load': {'source': '/data/UTKFace.tar.gz'},
+    'split': {'protocol': 'dedup', 'seed': 0, 'counts': [700, 150, 150]},
+    'train': 650,
+}
+_IDENTITY = ('data', 'split', 'train', 'truncated_to')
+
+
+class WriteRunRecordTest(parameterized.TestCase):
+
+  def _write_twice(self, tmp, second):
+    path = pathlib.Path(tmp) / 'run' / 'data_report.json'
+    run_logging.write_run_record(path, _RECORD, _IDENTITY)
+    run_logging.write_run_record(path, second, _IDENTITY)
+    return path
+
+  @parameterized.named_parameters(
+      ('same', _RECORD),
+      ('read_elsewhere', {**_RECORD, 'load': {'source': '/elsewhere/UTKFace.tar.gz'}}),
+  )
+  def test_same_inputs_rewrite(self, second):
+    with tempfile.TemporaryDirectory() as tmp:
+      path = self._write_twice(tmp, second)
+      self.assertEqual(json.loads(path.read_text()), second)
+
+  @parameterized.named_parameters(
+      ('nested', {**_RECORD, 'split': {**_RECORD['split'], 'seed': 1}}, 'split'),
+      ('value', {**_RECORD, 'train': 700}, 'train'),
+      ('new_key', {**_RECORD, 'truncated_to': 256}, 'truncated_to'),
+      ('two', {**_RECORD, 'data': 'synthetic', 'train': 1}, 'data, train'),
+  )
+  def test_other_inputs_raise_and_keep_the_file(self, second, keys):
+    with tempfile.TemporaryDirectory() as tmp:
+      path = pathlib.Path(tmp) / 'data_report.json'
+      run_logging.write_run_record(path, _RECORD, _IDENTITY)
+      saved = path.read_bytes()
+      with self.assertRaisesRegex(ValueError, rf'{path} records other inputs \({keys} differ\)'):
+        run_logging.write_run_record(path, second, _IDENTITY)
+      self.assertEqual(path.read_bytes(), saved)
+
+  def test_unreadable_file_is_named_and_kept(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      path = pathlib.Path(tmp) / 'data_report.json'
+      path.write_text('{"data": ')
+      with self.assertRaisesRegex(ValueError, f'{path} is unreadable'):
+        run_logging.write_run_record(path, _RECORD, _IDENTITY)
+      self.assertEqual(path.read_text(), '{"data": ')
 
 
 class WritePredictionsTest(absltest.TestCase):

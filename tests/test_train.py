@@ -172,17 +172,19 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     self.assertNotIn('params/logits/kernel', loaded)
     self.assertIn('re-initialised (not in checkpoint): params/head/dense2/kernel', '\n'.join(lines))
 
-  def test_unknown_select_metric_raises(self):
+  @parameterized.named_parameters(
+      ('select_metric', {'select_metric': 'nope'}, "select_metric 'nope'"),
+      ('history_metrics', {'history_metrics': ('accuracy', 'mea')}, "history_metrics 'mea'"),
+  )
+  def test_unknown_score_name_raises_before_training(self, fields, message):
     with tempfile.TemporaryDirectory() as tmp:
-      with self.assertRaisesRegex(KeyError, 'select_metric'):
+      lines = []
+      with self.assertRaisesRegex(ValueError, rf"{message}: not a validation score; choose from \[.*'mae'"):
         train.train_and_evaluate(
-            _config(select_metric='nope'), _data(), tmp, log=lambda _: None,
-            show_progress=False,
+            _config(**fields), _data(), tmp, log=lines.append, show_progress=False,
         )
-
-
-if __name__ == '__main__':
-  absltest.main()
+      self.assertEqual(lines, [])  # no epoch ran
+      self.assertFalse((pathlib.Path(tmp) / 'metrics.jsonl').exists())
 
 
 class MixedPrecisionTest(parameterized.TestCase):
@@ -205,3 +207,7 @@ class MixedPrecisionTest(parameterized.TestCase):
     for dtype, curve in losses.items():
       self.assertLess(curve[-1], 0.9 * curve[0], f'{dtype} did not learn: {curve}')
     np.testing.assert_allclose(losses['bfloat16'], losses['float32'], rtol=0.1)
+
+
+if __name__ == '__main__':
+  absltest.main()

@@ -1,5 +1,7 @@
 """Class balance for the training split: the study's undersampling, a per-class cap, weights.
 
+Also a random subset of a split, for smoke runs.
+
 Apply these to train only; validation and test keep the natural age distribution.
 """
 
@@ -32,6 +34,21 @@ def cap_per_class(arrays: arrays_lib.Arrays, *, cap: int, seed: int) -> arrays_l
   for label in np.unique(arrays['label']):
     rows = np.flatnonzero(arrays['label'] == label)
     keep[rng.choice(rows, size=min(cap, len(rows)), replace=False)] = True
+  return arrays_lib.take(arrays, keep)
+
+
+def random_subset(arrays: arrays_lib.Arrays, *, n: int, seed: int) -> arrays_lib.Arrays:
+  """``n`` random rows (all when there are fewer), order kept.
+
+  For smoke runs on part of a split: real splits are sorted by file name,
+  which starts with the age, so their first rows would hold a few ages only.
+  """
+  total = arrays_lib.num_rows(arrays)
+  if n < 0:
+    raise ValueError(f'n must be >= 0, got {n}')
+  if n >= total:
+    return arrays
+  keep = np.sort(np.random.default_rng(seed).choice(total, size=n, replace=False))
   return arrays_lib.take(arrays, keep)
 
 
