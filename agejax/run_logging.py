@@ -1,5 +1,9 @@
 """Where a run's numbers go: JSON files, JSON lines, TensorBoard events and
-per-example predictions."""
+per-example predictions.
+
+In a multi-host run every host computes the same numbers; only process 0
+writes them (`is_writer`), so hosts sharing a run directory do not race.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,20 @@ import json
 import pathlib
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
 
+def is_writer() -> bool:
+  """Whether this process writes the run's files: process 0 of the run."""
+  return jax.process_index() == 0
+
+
 def write_json(path: str | pathlib.Path, obj: Any) -> None:
   """Writes JSON atomically: readers see the old file or the new, never half."""
+  if not is_writer():
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + '.tmp')
@@ -61,6 +73,8 @@ def write_predictions(
   bad = {k: len(v) for k, v in predictions.items() if len(v) != n}
   if bad:
     raise ValueError(f'{path}: predictions {bad} do not match the {n} examples of the split.')
+  if not is_writer():
+    return
   fields = {k: np.asarray(v) for k, v in arrays.items() if np.ndim(v) == 1}
   fields.update({k: np.asarray(v) for k, v in predictions.items()})
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -76,6 +90,8 @@ def write_history(path: str | pathlib.Path, history: Sequence[Mapping[str, Any]]
   Rewriting the whole (small) file from the checkpointed history keeps it
   consistent with the checkpoint after a resume.
   """
+  if not is_writer():
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + '.tmp')
@@ -94,17 +110,23 @@ def _plain(x: Any) -> Any:
 
 
 class TensorBoardWriter:
-  """Scalars to TensorBoard event files (tensorboardX; no TensorFlow)."""
+  """Scalars to TensorBoard event files (tensorboardX; no TensorFlow).
+
+  A no-op on every process but the writer (`is_writer`).
+  """
 
   def __init__(self, logdir: str | pathlib.Path):
-    self._writer = SummaryWriter(str(logdir))
+    self._writer = SummaryWriter(str(logdir)) if is_writer() else None
 
   def scalars(self, step: int, values: Mapping[str, Any]) -> None:
     """Writes the numeric entries of ``values`` at ``step``; skips the rest."""
+    if self._writer is None:
+      return
     for name, value in values.items():
       if isinstance(value, (int, float, np.number)):
         self._writer.add_scalar(name, float(value), step)
     self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()

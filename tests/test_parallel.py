@@ -1,21 +1,21 @@
-"""Data-parallel training (and prediction) over 8 (simulated CPU) devices equals 1 device.
+"""Data-parallel training over 8 (simulated CPU) devices, or over 2 hosts, equals 1 device.
 
 XLA fixes the number of host devices when JAX starts, so the comparison runs
 in a subprocess started with ``--xla_force_host_platform_device_count=8``.
 """
 
+import json
 import os
+import pathlib
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
-from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
-import jax
 import numpy as np
-
-from agejax import parallel
 
 _SCRIPT = textwrap.dedent("""
     import jax, numpy as np
@@ -85,18 +85,75 @@ class DataParallelTest(parameterized.TestCase):
     self.assertIn('does not divide evenly over 8 devices', result.stdout)
 
 
-class ShardBatchTest(parameterized.TestCase):
+_HOST_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    process, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    if port != 'none':
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+      jax.distributed.initialize(
+          coordinator_address=f'localhost:{port}', num_processes=2, process_id=process)
+    from agejax import config, synthetic, train
+    model = config.ModelConfig(
+        num_classes=100, conv_filters=((4, 4), (8, 8), (8, 8)),
+        dense_units=(16, 16), bn_momentum=0.9)
+    run = config.TrainConfig(
+        model=model,
+        stages=(config.StageConfig('s1', 1, 1e-3, freeze='paper'),
+                config.StageConfig('s2', 1, 1e-4, freeze='none')),
+        batch_size=16, eval_batch_size=16, epoch_mode='loop')
+    # 24 validation and test faces in batches of 16: the last batch is padded.
+    data = synthetic.make_age_splits(seed=3, n_train=64, n_val=24, n_test=24)
+    results = train.train_and_evaluate(run, data, workdir, show_progress=False, log=print)
+    history = [{k: v for k, v in h.items() if k != 'seconds'} for h in results['history']]
+    print('RESULTS', json.dumps({'test': results['test'], 'history': history}))
+""")
 
-  @parameterized.named_parameters(('one_host', 1), ('every_host_holds_the_batch', 2))
-  def test_global_batch_keeps_its_shape(self, hosts):
-    # A multi-host run cannot start here; with process_count() patched, the
-    # multi-host path must still place the one global batch, not one per host.
-    batch = {'image': np.arange(8 * 3, dtype=np.uint8).reshape(8, 3), 'label': np.arange(8)}
-    with mock.patch.object(jax, 'process_count', return_value=hosts):
-      out = parallel.shard_batch(batch, parallel.data_mesh())
-    for key, value in batch.items():
-      self.assertEqual(out[key].shape, value.shape)
-      np.testing.assert_array_equal(np.asarray(out[key]), value)
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+class MultiHostTest(absltest.TestCase):
+  """Two processes (hosts) of two CPU devices each train like one process of four."""
+
+  def _start(self, process, port, workdir, devices):
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    return subprocess.Popen(
+        [sys.executable, '-c', _HOST_SCRIPT, str(process), str(port), workdir],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+  def _results(self, proc):
+    out, err = proc.communicate(timeout=600)
+    self.assertEqual(proc.returncode, 0, err[-3000:])
+    line = [l for l in out.splitlines() if l.startswith('RESULTS ')]
+    self.assertLen(line, 1, out[-2000:])
+    return json.loads(line[0][len('RESULTS '):])
+
+  def test_two_hosts_train_like_one(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      port = _free_port()
+      hosts = [self._start(p, port, f'{tmp}/hosts', devices=2) for p in (0, 1)]
+      host_results = [self._results(h) for h in hosts]
+      one = self._results(self._start(0, 'none', f'{tmp}/one', devices=4))
+      run = pathlib.Path(tmp) / 'hosts'
+      self.assertLen(list((run / 'tensorboard').iterdir()), 1)  # process 0 writes alone
+      with np.load(run / 'predictions_test.npz') as saved:
+        self.assertEqual(saved['pred'].shape, (24,))
+      self.assertEqual(json.loads((run / 'results.json').read_text())['test']['count'], 24)
+    for got in host_results:
+      self.assertEqual(got['test']['count'], 24)  # one global batch, not one per host
+      np.testing.assert_array_equal(got['test']['confusion'], one['test']['confusion'])
+      for key in ('loss', 'accuracy', 'mae', 'mae_expected'):
+        self.assertAlmostEqual(got['test'][key], one['test'][key], delta=1e-5, msg=key)
+      for h_got, h_one in zip(got['history'], one['history'], strict=True):
+        for key, value in h_one.items():
+          if isinstance(value, float):
+            self.assertAlmostEqual(h_got[key], value, delta=1e-5, msg=key)
 
 
 if __name__ == '__main__':
