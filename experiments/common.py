@@ -13,6 +13,7 @@ import os
 import pathlib
 from typing import Any
 
+from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
@@ -210,12 +211,14 @@ def write_data_report(workdir: str, report: dict[str, Any]) -> None:
   """Writes ``<workdir>/data_report.json``, refusing to replace one of other data.
 
   A run resumed or re-evaluated with other data flags would continue on, or
-  be scored on, other faces, possibly ones it trained on.
+  be scored on, other faces, possibly ones it trained on: `app.UsageError`
+  names the file, the differing parts and the flags to check, and the file
+  stays as it was.
   """
   try:
     run_logging.write_run_record(pathlib.Path(workdir) / 'data_report.json', report, _DATA_IDENTITY)
   except ValueError as e:
-    raise ValueError(
+    raise app.UsageError(
         f'{e} Resume the run with its own data flags (--data, --protocol, --split_seed,'
         ' --undersample_age/_n, --class_cap, --max_train_examples), or choose a new --workdir.'
     ) from e

@@ -28,10 +28,7 @@ def main(argv):
       else None
   )
   config = common.train_config('age', num_classes=num_classes, class_weights=weights)
-  try:
-    common.write_data_report(FLAGS.workdir, data_report)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  common.write_data_report(FLAGS.workdir, data_report)
   results = train.train_and_evaluate(
       config, data, FLAGS.workdir, show_progress=FLAGS.progress,
       stop_after_epoch=FLAGS.stop_after_epoch,
