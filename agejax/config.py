@@ -87,12 +87,17 @@ class StepConfig:
     augment: On-device augmentation applied in the train step.
     class_values: The age (years) each class stands for, used for MAE and
       expected-value decoding; None means class ``i`` is ``i`` years.
+    ordinal: Whether the classes are ordered values (ages, age ranges). Only
+      then are MAE, CS(k) and the tolerance-adjusted scores reported: for
+      nominal classes such as FER's emotions a distance between class indices
+      means nothing.
   """
 
   label_smoothing: float = 0.0
   class_weights: tuple[float, ...] | None = None
   augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
   class_values: tuple[float, ...] | None = None
+  ordinal: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,8 @@ from agejax import steps
 
 CS_CURVE_KS = tuple(range(11))
 TOLERANCE_K = 3
+# Scores that read class indices as ordered values (see StepConfig.ordinal).
+_ORDINAL_PREFIXES = ('mae', 'cs@', f'tol{TOLERANCE_K}_')
 
 
 def _sharded_batches(
@@ -63,7 +65,8 @@ def summarize(
   ``mae_median``; ``{macro,weighted}_{precision,recall,f1}`` over the classes
   present in labels or predictions; the same with prefix ``tol3_`` for the
   study's tolerance-adjusted metrics; and ``per_class`` precision, recall,
-  F1 and support lists.
+  F1 and support lists. When ``config.ordinal`` is False, the MAE, ``cs@k``
+  and ``tol3_`` keys are left out.
   """
   cm = np.asarray(totals['confusion'])
   count = float(totals['count'])
@@ -75,6 +78,8 @@ def summarize(
   summary['mae'] = float(totals['abs_err_argmax']) / count
   summary['mae_expected'] = float(totals['abs_err_expected']) / count
   summary['mae_median'] = float(totals['abs_err_median']) / count
+  if not config.ordinal:
+    summary = {k: v for k, v in summary.items() if not k.startswith(_ORDINAL_PREFIXES)}
   p, r, f1, support = jax.device_get(metrics.precision_recall_f1_support(cm))
   summary['per_class'] = {
       'precision': p.tolist(),

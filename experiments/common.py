@@ -142,6 +142,7 @@ def train_config(task: str, *, num_classes: int, class_weights: np.ndarray | Non
       class_weights=None if class_weights is None else tuple(float(w) for w in class_weights),
       augment=augment.AugmentConfig.study() if FLAGS.augment else augment.AugmentConfig(),
       class_values=class_values,
+      ordinal=task == 'age',
   )
   return config_lib.TrainConfig(
       model=model,

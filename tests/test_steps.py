@@ -239,6 +239,26 @@ class AccumulateTest(parameterized.TestCase):
       evaluate.accumulate(_state(), data, config=config.StepConfig(), batch_size=4)
 
 
+class SummarizeTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('ordinal', True, True),
+      ('nominal', False, False),
+  )
+  def test_ordinal_scores_only_for_ordered_classes(self, ordinal, has_ordinal_scores):
+    step_config = config.StepConfig(ordinal=ordinal)
+    totals = evaluate.accumulate(_state(), arrays(20, seed=5), config=step_config, batch_size=8)
+    summary = evaluate.summarize(totals, config=step_config)
+    ordinal_keys = {'mae', 'mae_expected', 'mae_median', 'cs@1', 'cs@10', 'tol3_accuracy', 'tol3_macro_f1'}
+    self.assertEqual(ordinal_keys <= summary.keys(), has_ordinal_scores)
+    self.assertEqual(bool(ordinal_keys & summary.keys()), has_ordinal_scores)
+    for key in ('loss', 'accuracy', 'macro_f1', 'weighted_f1', 'per_class'):
+      self.assertIn(key, summary)
+    self.assertAlmostEqual(
+        summary['accuracy'], np.trace(totals['confusion']) / np.sum(totals['confusion']), places=6
+    )
+
+
 class PredictTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
