@@ -9,6 +9,7 @@ epoch and the step, and the whole train state is checkpointed each epoch.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -35,6 +36,27 @@ Arrays = Mapping[str, np.ndarray]
 def config_dict(config: Any) -> dict[str, Any]:
   """A frozen config dataclass as JSON-compatible nested dicts and lists."""
   return _jsonable(dataclasses.asdict(config))
+
+
+# Fields that change only what is reported, not what is trained. A run resumes
+# across a change in them, and across their absence from a run saved by an
+# agejax that did not have them yet.
+_REPORT_ONLY_FIELDS = (('history_metrics',), ('step', 'ordinal'))
+
+
+def training_identity(run_config: Mapping[str, Any]) -> dict[str, Any]:
+  """``run_config`` (a `config_dict`) without its report-only fields.
+
+  A resumed run must match its checkpoint's config in everything that shapes
+  the trained weights; which scores it reports may change.
+  """
+  identity = copy.deepcopy(dict(run_config))
+  for *parents, name in _REPORT_ONLY_FIELDS:
+    node = identity
+    for parent in parents:
+      node = node.get(parent, {})
+    node.pop(name, None)
+  return identity
 
 
 def _jsonable(x: Any) -> Any:
@@ -140,7 +162,9 @@ def train_and_evaluate(
   ]
   ckpts = checkpoints.RunCheckpoints(workdir / 'checkpoints')
   progress = ckpts.latest_progress()
-  if progress is not None and progress['config'] != run_config:
+  if progress is not None and (
+      training_identity(progress['config']) != training_identity(run_config)
+  ):
     raise checkpoints.CheckpointError(
         f'{workdir} holds a run with a different config; resume it with the'
         f' same flags, or choose a new --workdir. Saved: {workdir / "config.json"}.'

@@ -139,6 +139,35 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     self.assertEqual(first['test']['accuracy'], again['test']['accuracy'])
     chex.assert_equal(len(first['test']['confusion']), 100)
 
+  @parameterized.named_parameters(
+      ('nominal_scores', {'step': config.StepConfig(ordinal=False)}, False),
+      ('history', {'history_metrics': ('loss', 'accuracy')}, True),
+  )
+  def test_report_only_changes_resume_and_reevaluate(self, overrides, has_mae):
+    data = _data()
+    with tempfile.TemporaryDirectory() as tmp:
+      first = train.train_and_evaluate(
+          _config(), data, tmp, log=lambda _: None, show_progress=False
+      )
+      again = train.train_and_evaluate(
+          _config(**overrides), data, tmp, log=lambda _: None, show_progress=False
+      )
+    self.assertEqual(first['test']['accuracy'], again['test']['accuracy'])
+    self.assertEqual('mae' in again['test'], has_mae)
+
+  def test_training_identity_ignores_report_only_fields_even_when_absent(self):
+    current = train.config_dict(_config(step=config.StepConfig(ordinal=False)))
+    saved_by_older_agejax = train.config_dict(_config())
+    del saved_by_older_agejax['step']['ordinal']
+    self.assertEqual(
+        train.training_identity(saved_by_older_agejax), train.training_identity(current)
+    )
+    self.assertIn('ordinal', current['step'])  # the input is not modified
+    self.assertNotEqual(
+        train.training_identity(train.config_dict(_config(batch_size=16))),
+        train.training_identity(current),
+    )
+
   def test_resuming_with_a_different_config_raises(self):
     data = _data()
     with tempfile.TemporaryDirectory() as tmp:
