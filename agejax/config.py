@@ -129,7 +129,7 @@ class TrainConfig:
     select_mode: 'max' or 'min' for ``select_metric``.
     epoch_mode: 'scan' runs an epoch as one compiled program, 'loop' calls a
       jitted step per batch with a progress bar, 'auto' picks scan on
-      accelerators and loop on CPU.
+      accelerators and loop on CPU (as fast there, and it shows progress).
     history_metrics: Validation scores logged each epoch and kept in the
       run's history (see `agejax.evaluate.summarize` for the names).
   """

@@ -11,23 +11,30 @@ slower than elementwise code. See docs/PERFORMANCE.md for the measurements.
 ``lax.conv_general_dilated`` (same signature, same values to float32
 rounding) with a custom VJP:
 
-* forward: a ``lax`` convolution whose input is padded by ``kh`` rows at the
-  bottom, then sliced back to the VALID rows. YNNPACK rejects convolutions
-  whose output is taller than their input, so this one runs on Eigen. Used
-  from 8 input channels and 6 output rows up; otherwise the plain VALID
-  ``lax`` convolution;
-* input gradient: the transposed convolution, written as a VALID convolution
-  of the cotangent padded by ``kernel - 1`` with the flipped kernel (what
-  ``lax`` does; its output is taller than its input, so it runs on Eigen);
-* kernel gradient: for layers with at least 8 input channels and 3,000
-  output positions (batch x height x width), a 3-D "filter-gradient"
-  convolution over ``[N, 1, H, W, C]`` (YNNPACK takes only 2-D ones, so it runs
-  on Eigen); for smaller layers ``patches^T @ cotangent``, the patches being
-  the ``kh * kw`` shifted slices of the input concatenated along channels;
-* both gradients of float32 3x3 layers with at least 64 input channels: the
-  VJP of `winograd_conv_valid` (Winograd F(2x2, 3x3): 16 multiplications per
-  2x2 output tile instead of 36), which beats the Eigen gradients by 1.2-2x on
-  those layers (with fewer input channels it loses speed and accuracy).
+* forward of float32 3x3 layers with at least 32 input channels and 6
+  output rows: `winograd_conv_valid` (Winograd F(2x2, 3x3): 16
+  multiplications per 2x2 output tile instead of 36);
+* other forwards: a ``lax`` convolution whose input is padded by ``kh`` rows
+  at the bottom, then sliced back to the VALID rows. YNNPACK rejects
+  convolutions whose output is taller than their input, so this one runs on
+  Eigen. Used from 8 input channels and 6 output rows up; otherwise the plain
+  VALID ``lax`` convolution;
+* both gradients of float32 3x3 layers with at least 32 input channels:
+  `winograd_conv_valid_vjp`, Winograd's backward pass written out;
+* other input gradients: the transposed convolution, written as a VALID
+  convolution of the cotangent padded by ``kernel - 1`` with the flipped
+  kernel (what ``lax`` does; its output is taller than its input, so it runs
+  on Eigen);
+* other kernel gradients: for layers with at least 8 input channels and
+  3,000 output positions (batch x height x width), a 3-D "filter-gradient"
+  convolution over ``[N, 1, H, W, C]`` (YNNPACK takes only 2-D ones, so it
+  runs on Eigen); for smaller layers ``patches^T @ cotangent``, the patches
+  being the ``kh * kw`` shifted slices of the input concatenated along
+  channels.
+
+The Winograd paths write large temporaries; they win (1.3x for the whole
+training step) when the process reuses freed host memory, which
+`agejax.host_malloc` arranges, and at least break even when it does not.
 
 It covers what the study's network uses: 2-D NHWC inputs, HWIO kernels,
 stride 1, no dilation, one feature and batch group, no
@@ -362,13 +369,16 @@ def _eigen_kernel_grad(x_shape: Sequence[int], g_shape: Sequence[int]) -> bool:
 def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   """The VALID convolution, on the fastest XLA:CPU kernel for its shape.
 
-  XLA:CPU (jaxlib 0.10.2) gives a 2-D convolution to YNNPACK unless its output
+  Float32 3x3 layers with at least 32 input channels and 6 output rows run
+  `winograd_conv_valid`. Otherwise: XLA:CPU (jaxlib 0.10.2) gives a 2-D convolution to YNNPACK unless its output
   is taller than its input; YNNPACK runs these layers 2-3x slower than Eigen.
   Padding the input's bottom by ``kh`` rows makes the output ``kh`` rows
   taller than the VALID one (one row taller than the input), which routes it
   to Eigen; the extra rows are sliced off. The kept rows only read real input
   rows, so the values are those of the VALID convolution.
   """
+  if _winograd_forward(x.shape, w):
+    return winograd_conv_valid(x, w, precision)
   if not _eigen_forward(x.shape, w.shape):
     return lax.conv_general_dilated(
         x, w, (1, 1), 'VALID', dimension_numbers=_NHWC_HWIO, precision=precision
@@ -427,17 +437,32 @@ def _kernel_grad(
   return dw.reshape(kh, kw, cin, cout)
 
 
-# Winograd's backward pass wins from 64 input channels (measured, see
-# docs/PERFORMANCE.md); below, its transforms cost more than they save and its
-# kernel gradient drifts to ~1e-5 relative error over many tiles.
-_WINOGRAD_MIN_IN_CHANNELS = 64
+# Winograd F(2x2, 3x3) wins from 32 input channels, both ways, once freed
+# host memory is reused (`agejax.host_malloc`; measured on a 2-core Zen 4,
+# docs/PERFORMANCE.md): the transforms write ~4x the input, which costs page
+# faults, not time, when every step reallocates it. Below 32 channels the
+# transforms cost more than the 2.25x fewer multiplications save; below 6
+# output rows the padding to whole 2x2 tiles wastes too much of the forward.
+_WINOGRAD_FORWARD_MIN_IN_CHANNELS = 32
+_WINOGRAD_FORWARD_MIN_OUT_ROWS = 6
+_WINOGRAD_BACKWARD_MIN_IN_CHANNELS = 32
+
+
+def _winograd_forward(x_shape: Sequence[int], w: jax.Array) -> bool:
+  kh, kw, cin, _ = w.shape
+  return (
+      (kh, kw) == (3, 3)
+      and cin >= _WINOGRAD_FORWARD_MIN_IN_CHANNELS
+      and x_shape[1] - kh + 1 >= _WINOGRAD_FORWARD_MIN_OUT_ROWS
+      and w.dtype == jnp.float32
+  )
 
 
 def _winograd_backward(w: jax.Array) -> bool:
   kh, kw, cin, _ = w.shape
   return (
       (kh, kw) == (3, 3)
-      and cin >= _WINOGRAD_MIN_IN_CHANNELS
+      and cin >= _WINOGRAD_BACKWARD_MIN_IN_CHANNELS
       and w.dtype == jnp.float32
   )
 
@@ -447,9 +472,59 @@ def _winograd_1d(t0, t1, t2, t3):
   return t0 - t2, t1 + t2, t2 - t1, t1 - t3
 
 
+def _winograd_1d_t(d0, d1, d2, d3):
+  """The transpose of `_winograd_1d`: four values -> four input taps."""
+  return d0, d1 - d2 + d3, d1 + d2 - d0, -d3
+
+
 def _winograd_kernel_1d(g0, g1, g2):
   """``G`` of F(2, 3) along one axis: three kernel taps -> four values."""
   return g0, 0.5 * (g0 + g1 + g2), 0.5 * (g0 - g1 + g2), g2
+
+
+def _winograd_kernel_1d_t(d0, d1, d2, d3):
+  """The transpose of `_winograd_kernel_1d`: four values -> three taps."""
+  return d0 + 0.5 * (d1 + d2), 0.5 * (d1 - d2), 0.5 * (d1 + d2) + d3
+
+
+def _winograd_output_1d_t(g0, g1):
+  """The transpose of ``A^T`` along one axis: two outputs -> four values."""
+  return g0, g0 + g1, g0 - g1, -g1
+
+
+def _winograd_tiles(ho: int, wo: int) -> tuple[int, int]:
+  """Tile rows and columns: 2x2 output tiles covering ``ho x wo``."""
+  return -(-ho // 2), -(-wo // 2)
+
+
+def _winograd_input_transform(x: jax.Array) -> jax.Array:
+  """``B^T d B`` of every 4x4 tile of ``x`` at stride 2: [16, tiles, C].
+
+  ``x`` is already padded to ``2 * tiles + 2`` rows and columns.
+  """
+  n, h, wd, c = x.shape
+  th, tw = (h - 2) // 2, (wd - 2) // 2
+  # Tile rows 2i..2i+3 as two reshaped halves: rows (2i, 2i+1), (2i+2, 2i+3).
+  top = x[:, : 2 * th].reshape(n, th, 2, 2 * tw + 2, c)
+  bottom = x[:, 2:].reshape(n, th, 2, 2 * tw + 2, c)
+  rows = _winograd_1d(top[:, :, 0], top[:, :, 1], bottom[:, :, 0], bottom[:, :, 1])
+  tiles = []
+  for r in rows:
+    left = r[:, :, : 2 * tw].reshape(n, th, tw, 2, c)
+    right = r[:, :, 2:].reshape(n, th, tw, 2, c)
+    tiles.extend(
+        _winograd_1d(left[..., 0, :], left[..., 1, :], right[..., 0, :], right[..., 1, :])
+    )
+  return jnp.stack(tiles).reshape(16, n * th * tw, c)
+
+
+def _winograd_kernel_transform(w: jax.Array) -> jax.Array:
+  """``G g G^T`` of a 3x3 HWIO kernel: [16, C_in, C_out]."""
+  return jnp.stack([
+      k
+      for r in _winograd_kernel_1d(w[0], w[1], w[2])
+      for k in _winograd_kernel_1d(r[0], r[1], r[2])
+  ])
 
 
 def winograd_conv_valid(
@@ -461,37 +536,21 @@ def winograd_conv_valid(
   tiles and kernel are transformed (``B^T d B``, ``G g G^T``), multiplied as
   16 batched ``[tiles, C_in] x [C_in, C_out]`` matmuls and transformed back to
   2x2 output tiles (``A^T m A``); the result is cropped to the VALID size.
-  Equal to ``lax.conv_general_dilated`` to ~1e-6 relative. Every step is
-  linear and plain JAX, so JAX differentiates it into the same kind of
-  program: that VJP is what `matmul_conv_general_dilated` uses as the backward
-  pass of the larger layers.
+  Equal to ``lax.conv_general_dilated`` to ~1e-6 relative. Its gradients, as
+  `matmul_conv_general_dilated` computes them, are `winograd_conv_valid_vjp`.
   """
-  n, h, wd, c = x.shape
+  n, h, wd, _ = x.shape
   if w.shape[:2] != (3, 3):
     raise ValueError(f'Winograd F(2x2, 3x3) needs a 3x3 kernel, got {w.shape}.')
   co = w.shape[3]
   ho, wo = h - 2, wd - 2
-  th, tw = -(-ho // 2), -(-wo // 2)
+  th, tw = _winograd_tiles(ho, wo)
   x = jnp.pad(x, ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - wd), (0, 0)))
-  # Tile rows 2i..2i+3 as two reshaped halves: rows (2i, 2i+1), (2i+2, 2i+3).
-  top = x[:, : 2 * th].reshape(n, th, 2, 2 * tw + 2, c)
-  bottom = x[:, 2 : 2 * th + 2].reshape(n, th, 2, 2 * tw + 2, c)
-  rows = _winograd_1d(top[:, :, 0], top[:, :, 1], bottom[:, :, 0], bottom[:, :, 1])
-  tiles = []
-  for r in rows:
-    left = r[:, :, : 2 * tw].reshape(n, th, tw, 2, c)
-    right = r[:, :, 2 : 2 * tw + 2].reshape(n, th, tw, 2, c)
-    tiles.extend(
-        _winograd_1d(left[..., 0, :], left[..., 1, :], right[..., 0, :], right[..., 1, :])
-    )
-  v = jnp.stack(tiles).reshape(16, n * th * tw, c)
-  u = jnp.stack([
-      k
-      for r in _winograd_kernel_1d(w[0], w[1], w[2])
-      for k in _winograd_kernel_1d(r[0], r[1], r[2])
-  ])
   m = lax.dot_general(
-      v, u, (((2,), (1,)), ((0,), (0,))), precision=precision
+      _winograd_input_transform(x),
+      _winograd_kernel_transform(w),
+      (((2,), (1,)), ((0,), (0,))),
+      precision=precision,
   ).reshape(4, 4, n, th, tw, co)
   out_rows = (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
   y = jnp.stack(
@@ -499,6 +558,66 @@ def winograd_conv_valid(
       axis=2,
   )
   return y.reshape(n, 2 * th, 2 * tw, co)[:, :ho, :wo]
+
+
+def _overlap_add(first: jax.Array, second: jax.Array, axis: int) -> jax.Array:
+  """Adds ``second`` two places further along ``axis`` than ``first``."""
+  pad_first = [(0, 0)] * first.ndim
+  pad_second = [(0, 0)] * first.ndim
+  pad_first[axis] = (0, 2)
+  pad_second[axis] = (2, 0)
+  return jnp.pad(first, pad_first) + jnp.pad(second, pad_second)
+
+
+def winograd_conv_valid_vjp(
+    x: jax.Array, w: jax.Array, g: jax.Array, precision: Any = None
+) -> tuple[jax.Array, jax.Array]:
+  """(dx, dw) of `winograd_conv_valid` for the output cotangent ``g``.
+
+  The transpose of each of its linear steps, written out: the cotangent's
+  tiles are transformed (``A dY A^T``), multiplied by the transformed kernel
+  for dx and by the transformed input for dw (16 batched matmuls each), then
+  transformed back (``B dV B^T`` with overlapping tiles added, ``G^T dU G``).
+  Equal to ``jax.vjp`` of `winograd_conv_valid`, but 1.1-1.4x faster on
+  XLA:CPU, whose transpose of the tiling is pads and adds of whole tensors.
+  """
+  n, h, wd, c = x.shape
+  co = w.shape[3]
+  ho, wo = h - 2, wd - 2
+  th, tw = _winograd_tiles(ho, wo)
+  v = _winograd_input_transform(
+      jnp.pad(x, ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - wd), (0, 0)))
+  )
+  u = _winograd_kernel_transform(w)
+  g = jnp.pad(g, ((0, 0), (0, 2 * th - ho), (0, 2 * tw - wo), (0, 0)))
+  g = g.reshape(n, th, 2, tw, 2, co)
+  dm = jnp.stack([
+      t
+      for r in _winograd_output_1d_t(g[:, :, 0], g[:, :, 1])
+      for t in _winograd_output_1d_t(r[..., 0, :], r[..., 1, :])
+  ]).reshape(16, n * th * tw, co)
+  du = lax.dot_general(
+      v, dm, (((1,), (1,)), ((0,), (0,))), precision=precision
+  ).reshape(4, 4, c, co)
+  dv = lax.dot_general(
+      dm, u, (((2,), (2,)), ((0,), (0,))), precision=precision
+  ).reshape(4, 4, n, th, tw, c)
+  rows = [_winograd_kernel_1d_t(*du[a]) for a in range(4)]
+  dw = jnp.stack([
+      jnp.stack(_winograd_kernel_1d_t(*(rows[a][j] for a in range(4))))
+      for j in range(3)
+  ], axis=1)
+  cols = []
+  for a in range(4):
+    taps = _winograd_1d_t(*dv[a])  # the four columns of each tile row
+    left = jnp.stack(taps[:2], axis=3).reshape(n, th, 2 * tw, c)
+    right = jnp.stack(taps[2:], axis=3).reshape(n, th, 2 * tw, c)
+    cols.append(_overlap_add(left, right, axis=2))
+  taps = _winograd_1d_t(*cols)  # the four rows of each tile
+  top = jnp.stack(taps[:2], axis=2).reshape(n, 2 * th, 2 * tw + 2, c)
+  bottom = jnp.stack(taps[2:], axis=2).reshape(n, 2 * th, 2 * tw + 2, c)
+  dx = _overlap_add(top, bottom, axis=1)
+  return dx[:, :h, :wd], dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -520,11 +639,7 @@ def _conv_valid_bwd(
 ) -> tuple[jax.Array, jax.Array]:
   x, w = res
   if _winograd_backward(w):
-    # Only the pullback is used: XLA drops the Winograd forward's matmuls.
-    _, pullback = jax.vjp(
-        functools.partial(winograd_conv_valid, precision=precision), x, w
-    )
-    return pullback(g)
+    return winograd_conv_valid_vjp(x, w, g, precision)
   kh, kw, _, _ = w.shape
   # The transposed convolution: its output is taller than its input, so
   # XLA:CPU runs it on Eigen (see `_forward`).

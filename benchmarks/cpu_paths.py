@@ -8,8 +8,8 @@ choices and for the training-speed ceiling, so they live here, runnable:
       XLA:CPU's fp32 matmul throughput (GFLOP/s), the machine's ceiling.
   python -m benchmarks.cpu_paths --what=layers --batch_size=64
       Each study convolution layer, forward and forward + both gradients, as
-      ``lax``, agejax's ``'matmul'`` path (whose backward is Winograd's from
-      64 input channels up) and `agejax.conv.winograd_conv_valid` in both
+      ``lax``, agejax's ``'matmul'`` path (Winograd's both ways from 32 input
+      channels up) and `agejax.conv.winograd_conv_valid` in both
       directions, with the Winograd error against ``lax``.
   python -m benchmarks.cpu_paths --what=eval --batch_sizes=64,128,256,512
       `agejax.steps.eval_step` of the study's age network with
@@ -17,19 +17,26 @@ choices and for the training-speed ceiling, so they live here, runnable:
       `agejax.conv.resolve_impl` switches inference to ``lax``.
   python -m benchmarks.cpu_paths --what=train --batch_sizes=64,256
       `agejax.steps.train_step`, interleaved in one process, as shipped and
-      with one choice undone: without the Winograd backward pass, with the
-      forward on YNNPACK (no Eigen padding), with YNNPACK off for the step.
+      with one choice undone: without Winograd's forward, backward or both,
+      with the forward on YNNPACK (no Winograd, no Eigen padding), with
+      YNNPACK off for the step.
+  python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
+      `agejax.steps.train_step` alone: ms per step, cores busy, and the share
+      of CPU time spent in the kernel (page faults, with ``system``).
   python -m benchmarks.cpu_paths --what=flops
       XLA's cost analysis of `train_step` and `eval_step`, FLOPs per image,
       with direct (``lax``) convolutions and as agejax runs them (``auto``).
 
 Times are the minimum (layers) or median (eval, train) of ``--repeats`` runs
-after warm-up; run it on an otherwise idle machine.
+after warm-up; run it on an otherwise idle machine. Every measurement runs
+under ``--host_malloc`` (`agejax.host_malloc`; default ``retain``, as the
+experiments train).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -44,14 +51,22 @@ import numpy as np
 
 from agejax import config as config_lib
 from agejax import conv
+from agejax import host_malloc
 from agejax import steps
 
 _WHAT = flags.DEFINE_enum(
-    'what', 'layers', ['peak', 'layers', 'eval', 'train', 'flops'], 'Which measurement.'
+    'what', 'layers', ['peak', 'layers', 'eval', 'train', 'host', 'flops'], 'Which measurement.'
 )
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size for --what=layers.')
 _BATCH_SIZES = flags.DEFINE_list(
     'batch_sizes', ['64', '128', '256', '512'], 'Batch sizes for --what=eval and --what=train.'
+)
+_HOST_MALLOC = flags.DEFINE_enum(
+    'host_malloc',
+    'retain',
+    host_malloc.MODES,
+    'glibc malloc settings (agejax.host_malloc) for the measurements: retain'
+    ' freed memory, as the experiments do, or the system default.',
 )
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed repeats.')
 
@@ -164,8 +179,16 @@ def _eval(batch_sizes: Sequence[int], repeats: int) -> None:
 # --what=train: each variant undoes one of agejax.conv's CPU choices.
 _TRAIN_VARIANTS = {
     'shipped': ({}, None),
-    'no Winograd backward': ({'_WINOGRAD_MIN_IN_CHANNELS': 10**9}, None),
-    'YNNPACK forward': ({'_EIGEN_FORWARD_MIN_OUT_ROWS': 10**9}, None),
+    'no Winograd forward': ({'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9}, None),
+    'no Winograd backward': ({'_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9}, None),
+    'no Winograd': (
+        {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9, '_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9},
+        None,
+    ),
+    'YNNPACK forward': (
+        {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9, '_EIGEN_FORWARD_MIN_OUT_ROWS': 10**9},
+        None,
+    ),
     'YNNPACK off': ({}, {'xla_cpu_experimental_ynn_fusion_type': ''}),
 }
 
@@ -195,6 +218,32 @@ def _train(batch_sizes: Sequence[int], repeats: int) -> None:
     print(f'| {batch_size} | ' + ' | '.join(f'{batch_size / seconds[n]:.0f}' for n in names) + ' |', flush=True)
 
 
+def _host(batch_sizes: Sequence[int], repeats: int) -> None:
+  """Where a training step's CPU time goes: user code or the kernel."""
+  print(
+      f'steps.train_step, {repeats} steps, host malloc {_HOST_MALLOC.value}\n'
+      '| batch | ms per step | cores busy | kernel share of CPU time |\n|---|---|---|---|'
+  )
+  key = jax.random.PRNGKey(1)
+  for batch_size in batch_sizes:
+    batch = _batch(batch_size, np.random.default_rng(0))
+    state = _state()
+    for _ in range(2):
+      state, out = steps.train_step(state, batch, key)
+      jax.block_until_ready(out)
+    cpu0, start = os.times(), time.perf_counter()
+    for _ in range(repeats):
+      state, out = steps.train_step(state, batch, key)
+      jax.block_until_ready(out)
+    wall, cpu1 = time.perf_counter() - start, os.times()
+    user, system = cpu1.user - cpu0.user, cpu1.system - cpu0.system
+    print(
+        f'| {batch_size} | {wall / repeats * 1e3:.0f} | {(user + system) / wall:.2f}'
+        f' | {system / (user + system):.0%} |',
+        flush=True,
+    )
+
+
 def _flops() -> None:
   """Per image; ``lax`` counts direct convolutions, ``auto`` what agejax runs."""
   batch_size = 64
@@ -214,6 +263,7 @@ def _flops() -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_malloc.reexec(_HOST_MALLOC.value)
   if _WHAT.value == 'peak':
     _peak(_REPEATS.value)
   elif _WHAT.value == 'layers':
@@ -222,6 +272,8 @@ def main(argv: Sequence[str]) -> None:
     _eval([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
   elif _WHAT.value == 'train':
     _train([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
+  elif _WHAT.value == 'host':
+    _host([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
   else:
     _flops()
 

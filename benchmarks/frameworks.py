@@ -11,7 +11,10 @@ Each framework runs in its own worker process (so thread pools do not
 compete) and the driver asks the workers for one timed repeat in turn, so
 that load from other users of a shared machine hits every framework alike.
 Each row is the median over ``--repeats`` of ``--steps`` steps, after
-``--warmup`` untimed steps.
+``--warmup`` untimed steps. Every worker runs under the same glibc malloc
+settings (``--host_malloc``, see `agejax.host_malloc`), and the driver pauses
+``--settle_s`` before each timed repeat so that the previous worker's
+spinning threads do not slow the next one.
 
 Keras and PyTorch are benchmark-only extras (benchmarks/requirements-bench.txt),
 never agejax dependencies. Run from the repository root:
@@ -30,6 +33,8 @@ from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
+
+from agejax import host_malloc
 
 NUM_CLASSES = 100
 IMAGE_SHAPE = (48, 48, 1)
@@ -54,6 +59,20 @@ _BATCH_SIZES = flags.DEFINE_list(
 )
 _EVAL_BATCH_SIZE = flags.DEFINE_integer(
     'eval_batch_size', 256, 'Evaluation batch size (0 skips evaluation).'
+)
+_SETTLE_S = flags.DEFINE_float(
+    'settle_s',
+    1.0,
+    'Seconds of pause before each timed repeat, so that the previous'
+    ' worker\'s threads have stopped spinning.',
+)
+_HOST_MALLOC = flags.DEFINE_enum(
+    'host_malloc',
+    'retain',
+    host_malloc.MODES,
+    'glibc malloc settings (agejax.host_malloc) for every worker, so all'
+    ' frameworks run alike: retain freed memory, as the experiments do, or'
+    ' the system default.',
 )
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats per row.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Steps per timed repeat.')
@@ -295,8 +314,13 @@ def measure(
     steps: int,
     warmup: int,
     scan_batches: int = 4,
+    settle_s: float = 0.0,
 ) -> dict[tuple[str, Case], float]:
-  """Median images/s per (framework, case), repeats interleaved round-robin."""
+  """Median images/s per (framework, case), repeats interleaved round-robin.
+
+  ``settle_s`` seconds of pause before each timed repeat keep one framework's
+  busy-waiting threads (OpenMP, Eigen) from slowing the next one down.
+  """
   ctx = mp.get_context('spawn')
   workers = {}
   for fw in frameworks:
@@ -313,6 +337,8 @@ def measure(
     for case in cases:
       for _ in range(repeats):
         for fw, (_, conn) in workers.items():
+          # Lets the previous worker's spinning pool threads go idle.
+          time.sleep(settle_s)
           conn.send(case)
           samples.setdefault((fw, case), []).append(conn.recv())
   finally:
@@ -350,6 +376,7 @@ def format_table(
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  host_malloc.reexec(_HOST_MALLOC.value)
   frameworks = list(_FRAMEWORKS.value)
   for fw in frameworks:
     if fw not in FRAMEWORKS:
@@ -364,6 +391,7 @@ def main(argv: Sequence[str]) -> None:
       _STEPS.value,
       _WARMUP.value,
       _SCAN_BATCHES.value,
+      _SETTLE_S.value,
   )
   print(f'images/s, median of {_REPEATS.value} x {_STEPS.value} steps')
   print(format_table(frameworks, cases, results))

@@ -9,6 +9,7 @@ report of what was loaded is printed and saved); without it, from scratch.
 from absl import app
 from absl import flags
 
+from agejax import host_malloc
 from agejax import train
 from agejax.data import balance
 from experiments import common
@@ -37,5 +38,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_malloc.reexec()
   flags.mark_flag_as_required('workdir')
   app.run(main)

@@ -9,6 +9,7 @@ The best checkpoint (by PublicTest accuracy) in ``--workdir`` is what
 from absl import app
 from absl import flags
 
+from agejax import host_malloc
 from agejax import train
 from experiments import common
 
@@ -28,5 +29,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_malloc.reexec()
   flags.mark_flag_as_required('workdir')
   app.run(main)

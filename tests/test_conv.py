@@ -42,16 +42,22 @@ _ALL_EIGEN = dict(
     _EIGEN_MIN_IN_CHANNELS=1,
     _EIGEN_FORWARD_MIN_OUT_ROWS=1,
     _EIGEN_KERNEL_GRAD_MIN_ROWS=1,
-    _WINOGRAD_MIN_IN_CHANNELS=10**9,
+    _WINOGRAD_FORWARD_MIN_IN_CHANNELS=10**9,
+    _WINOGRAD_BACKWARD_MIN_IN_CHANNELS=10**9,
 )
 _NO_EIGEN = dict(
     _EIGEN_MIN_IN_CHANNELS=10**9,
     _EIGEN_FORWARD_MIN_OUT_ROWS=10**9,
     _EIGEN_KERNEL_GRAD_MIN_ROWS=10**9,
-    _WINOGRAD_MIN_IN_CHANNELS=10**9,
+    _WINOGRAD_FORWARD_MIN_IN_CHANNELS=10**9,
+    _WINOGRAD_BACKWARD_MIN_IN_CHANNELS=10**9,
 )
-# Winograd backward on every 3x3 layer (other kernels keep the Eigen paths).
-_ALL_WINOGRAD = dict(_WINOGRAD_MIN_IN_CHANNELS=1)
+# Winograd both ways on every 3x3 layer (other kernels keep the Eigen paths).
+_ALL_WINOGRAD = dict(
+    _WINOGRAD_FORWARD_MIN_IN_CHANNELS=1,
+    _WINOGRAD_FORWARD_MIN_OUT_ROWS=1,
+    _WINOGRAD_BACKWARD_MIN_IN_CHANNELS=1,
+)
 
 
 def _inputs(b, h, w, cin, cout, kernel, seed=0):
@@ -100,7 +106,7 @@ class MatmulConvTest(chex.TestCase):
   def test_each_formulation_matches_lax(self, shape, padding, thresholds):
     # Every shape through the Eigen forward + 3-D kernel gradient, through
     # lax's forward + the im2col kernel gradient, and (3x3 kernels) through
-    # the Winograd backward pass.
+    # Winograd's forward and backward passes.
     x, k = _inputs(*shape)
     kwargs = dict(padding=padding, dimension_numbers=_NHWC)
     want = _vjp(lax.conv_general_dilated, x, k, **kwargs)
@@ -111,25 +117,34 @@ class MatmulConvTest(chex.TestCase):
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
 
   @parameterized.parameters(
-      # (input shape, kernel shape, Eigen forward, 3-D kernel gradient)
-      ((64, 48, 48, 1), (3, 3, 1, 32), False, False),
-      ((64, 46, 46, 32), (3, 3, 32, 64), True, True),
-      ((64, 20, 20, 128), (3, 3, 128, 128), True, True),
-      ((64, 9, 9, 128), (3, 3, 128, 128), True, True),
-      ((64, 7, 7, 128), (3, 3, 128, 256), False, False),
-      ((256, 7, 7, 128), (3, 3, 128, 256), False, True),
+      # (input shape, kernel shape, Winograd forward, Eigen forward,
+      #  3-D kernel gradient)
+      ((64, 48, 48, 1), (3, 3, 1, 32), False, False, False),
+      ((64, 46, 46, 32), (3, 3, 32, 64), True, True, True),
+      ((64, 22, 22, 64), (3, 3, 64, 128), True, True, True),
+      ((64, 20, 20, 128), (3, 3, 128, 128), True, True, True),
+      ((64, 9, 9, 128), (3, 3, 128, 128), True, True, True),
+      ((64, 7, 7, 128), (3, 3, 128, 256), False, False, False),
+      ((256, 7, 7, 128), (3, 3, 128, 256), False, False, True),
+      ((64, 20, 20, 16), (3, 3, 16, 32), False, True, True),
   )
   def test_study_layers_pick_the_measured_formulation(
-      self, x_shape, w_shape, eigen_forward, eigen_kernel_grad
+      self, x_shape, w_shape, winograd_forward, eigen_forward, eigen_kernel_grad
   ):
     out = (x_shape[0], x_shape[1] - 2, x_shape[2] - 2, w_shape[3])
+    w = jnp.zeros(w_shape)
+    self.assertEqual(conv._winograd_forward(x_shape, w), winograd_forward)
+    self.assertEqual(
+        conv._winograd_forward(x_shape, w.astype(jnp.bfloat16)), False
+    )
     self.assertEqual(conv._eigen_forward(x_shape, w_shape), eigen_forward)
     self.assertEqual(conv._eigen_kernel_grad(x_shape, out), eigen_kernel_grad)
 
   @parameterized.parameters(
       # (kernel shape, dtype, Winograd backward)
       ((3, 3, 1, 32), jnp.float32, False),
-      ((3, 3, 32, 64), jnp.float32, False),
+      ((3, 3, 16, 32), jnp.float32, False),
+      ((3, 3, 32, 64), jnp.float32, True),
       ((3, 3, 64, 128), jnp.float32, True),
       ((3, 3, 128, 256), jnp.float32, True),
       ((3, 3, 128, 256), jnp.bfloat16, False),
@@ -156,6 +171,29 @@ class MatmulConvTest(chex.TestCase):
     )
     got = self.variant(lambda a, b: _vjp(fast, a, b))(x, k)
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      (2, 22, 22, 64, 128),
+      (2, 9, 9, 32, 16),
+      (3, 3, 3, 4, 5),  # a single output position
+      (2, 8, 5, 3, 2),  # odd output width, non-square
+      (1, 10, 13, 2, 3),  # odd output height
+      (1, 4, 6, 1, 1),  # even output, one channel
+  )
+  def test_winograd_vjp_matches_autodiff_and_lax(self, b, h, w, cin, cout):
+    # The written-out backward pass against JAX's transpose of the forward
+    # and against lax's gradients.
+    x, k = _inputs(b, h, w, cin, cout, (3, 3))
+    y, (want_dx, want_dk) = _vjp(
+        lax.conv_general_dilated, x, k, padding='VALID', dimension_numbers=_NHWC
+    )
+    g = jax.random.normal(jax.random.PRNGKey(7), y.shape)
+    g = g / jnp.sqrt(y.shape[0] * y.shape[1] * y.shape[2])
+    got = self.variant(conv.winograd_conv_valid_vjp)(x, k, g)
+    _, pullback = jax.vjp(conv.winograd_conv_valid, x, k)
+    chex.assert_trees_all_close(got, pullback(g), rtol=_TOL, atol=_TOL)
+    chex.assert_trees_all_close(got, (want_dx, want_dk), rtol=_TOL, atol=_TOL)
 
   def test_winograd_conv_valid_needs_3x3(self):
     x, k = _inputs(1, 6, 6, 2, 3, (3, 2))
