@@ -32,9 +32,9 @@ rounding) with a custom VJP:
   being the ``kh * kw`` shifted slices of the input concatenated along
   channels.
 
-The Winograd paths write large temporaries; they win (1.3x for the whole
-training step) when the process reuses freed host memory, which
-`agejax.host_malloc` arranges, and at least break even when it does not.
+On the study's network the Winograd paths make the whole training step
+1.2-1.5x faster, with or without the freed-memory reuse that
+`agejax.host_malloc` arranges (docs/PERFORMANCE.md).
 
 It covers what the study's network uses: 2-D NHWC inputs, HWIO kernels,
 stride 1, no dilation, one feature and batch group, no
@@ -437,12 +437,12 @@ def _kernel_grad(
   return dw.reshape(kh, kw, cin, cout)
 
 
-# Winograd F(2x2, 3x3) wins from 32 input channels, both ways, once freed
-# host memory is reused (`agejax.host_malloc`; measured on a 2-core Zen 4,
-# docs/PERFORMANCE.md): the transforms write ~4x the input, which costs page
-# faults, not time, when every step reallocates it. Below 32 channels the
-# transforms cost more than the 2.25x fewer multiplications save; below 6
-# output rows the padding to whole 2x2 tiles wastes too much of the forward.
+# Winograd F(2x2, 3x3) wins from 32 input channels, both ways (measured on a
+# 2-core Zen 4, docs/PERFORMANCE.md); its transforms write ~4x the input, so
+# it gains most when freed host memory is reused (`agejax.host_malloc`).
+# With a single input channel the transforms cost more than the 2.25x fewer
+# multiplications save; below 6 output rows the padding to whole 2x2 tiles
+# wastes too much of the forward.
 _WINOGRAD_FORWARD_MIN_IN_CHANNELS = 32
 _WINOGRAD_FORWARD_MIN_OUT_ROWS = 6
 _WINOGRAD_BACKWARD_MIN_IN_CHANNELS = 32

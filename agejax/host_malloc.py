@@ -4,12 +4,11 @@ Why: XLA:CPU allocates an executable's temporaries afresh on every call, and
 glibc serves large requests (and every large request from a worker thread's
 arena) with a fresh ``mmap`` that the kernel backs page by page on first touch
 and unmaps again on ``free``. So every training step page-faults its whole
-working set back in: on the study's network a third of a core, ~18 % of a
+working set back in: on the study's network a third of a core, ~20 % of a
 2-core CPU's time, went to the kernel (docs/PERFORMANCE.md). With one arena,
 no ``mmap`` and no trimming, freed blocks stay in the heap and the next step
-reuses them; then Winograd's transforms, which write large temporaries, beat
-Eigen's direct convolutions as well. The price: the process keeps its peak
-heap until it exits, and its threads share one malloc arena.
+reuses them. The price: the process keeps its peak heap until it exits,
+and its threads share one malloc arena.
 
 glibc reads these settings when a process starts, and a worker thread's arena
 serves large blocks by ``mmap`` whatever ``mallopt`` says later, so they have

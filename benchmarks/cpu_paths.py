@@ -17,12 +17,13 @@ choices and for the training-speed ceiling, so they live here, runnable:
       `agejax.conv.resolve_impl` switches inference to ``lax``.
   python -m benchmarks.cpu_paths --what=train --batch_sizes=64,256
       `agejax.steps.train_step`, interleaved in one process, as shipped and
-      with one choice undone: without Winograd's forward, backward or both,
+      with one choice undone: Winograd's backward by ``jax.vjp`` of its
+      forward instead of written out, without Winograd's forward, backward or both,
       with the forward on YNNPACK (no Winograd, no Eigen padding), with
       YNNPACK off for the step.
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
-      `agejax.steps.train_step` alone: ms per step, cores busy, and the share
-      of CPU time spent in the kernel (page faults, with ``system``).
+      `agejax.steps.train_step` alone: ms per step, cores busy, the share of
+      CPU time spent in the kernel and minor page faults per step.
   python -m benchmarks.cpu_paths --what=flops
       XLA's cost analysis of `train_step` and `eval_step`, FLOPs per image,
       with direct (``lax``) convolutions and as agejax runs them (``auto``).
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import statistics
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -176,9 +178,18 @@ def _eval(batch_sizes: Sequence[int], repeats: int) -> None:
     print(f'| {batch_size} | ' + ' | '.join(f'{batch_size / seconds[i]:.0f}' for i in runs) + ' |', flush=True)
 
 
+def _winograd_autodiff_vjp(
+    x: jax.Array, w: jax.Array, g: jax.Array, precision: Any = None
+) -> tuple[jax.Array, jax.Array]:
+  """JAX's own transpose of `conv.winograd_conv_valid`, for comparison."""
+  _, pullback = jax.vjp(lambda a, b: conv.winograd_conv_valid(a, b, precision), x, w)
+  return pullback(g)
+
+
 # --what=train: each variant undoes one of agejax.conv's CPU choices.
 _TRAIN_VARIANTS = {
     'shipped': ({}, None),
+    'Winograd backward by jax.vjp': ({'winograd_conv_valid_vjp': _winograd_autodiff_vjp}, None),
     'no Winograd forward': ({'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9}, None),
     'no Winograd backward': ({'_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9}, None),
     'no Winograd': (
@@ -222,7 +233,8 @@ def _host(batch_sizes: Sequence[int], repeats: int) -> None:
   """Where a training step's CPU time goes: user code or the kernel."""
   print(
       f'steps.train_step, {repeats} steps, host malloc {_HOST_MALLOC.value}\n'
-      '| batch | ms per step | cores busy | kernel share of CPU time |\n|---|---|---|---|'
+      '| batch | ms per step | cores busy | kernel share of CPU time | minor page faults per step |\n'
+      '|---|---|---|---|---|'
   )
   key = jax.random.PRNGKey(1)
   for batch_size in batch_sizes:
@@ -231,15 +243,17 @@ def _host(batch_sizes: Sequence[int], repeats: int) -> None:
     for _ in range(2):
       state, out = steps.train_step(state, batch, key)
       jax.block_until_ready(out)
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     cpu0, start = os.times(), time.perf_counter()
     for _ in range(repeats):
       state, out = steps.train_step(state, batch, key)
       jax.block_until_ready(out)
     wall, cpu1 = time.perf_counter() - start, os.times()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
     user, system = cpu1.user - cpu0.user, cpu1.system - cpu0.system
     print(
         f'| {batch_size} | {wall / repeats * 1e3:.0f} | {(user + system) / wall:.2f}'
-        f' | {system / (user + system):.0%} |',
+        f' | {system / (user + system):.0%} | {faults / repeats:,.0f} |',
         flush=True,
     )
 
