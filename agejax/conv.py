@@ -578,8 +578,10 @@ def winograd_conv_valid_vjp(
   tiles are transformed (``A dY A^T``), multiplied by the transformed kernel
   for dx and by the transformed input for dw (16 batched matmuls each), then
   transformed back (``B dV B^T`` with overlapping tiles added, ``G^T dU G``).
-  Equal to ``jax.vjp`` of `winograd_conv_valid`, but 1.1-1.4x faster on
-  XLA:CPU, whose transpose of the tiling is pads and adds of whole tensors.
+  Equal to ``jax.vjp`` of `winograd_conv_valid`, whose transpose of the
+  tiling XLA:CPU compiles into pads and adds of whole tensors: the study's
+  whole training step is up to 1.3x faster with this one
+  (docs/PERFORMANCE.md).
   """
   n, h, wd, c = x.shape
   co = w.shape[3]
