@@ -492,9 +492,16 @@ def _winograd_output_1d_t(g0, g1):
   return g0, g0 + g1, g0 - g1, -g1
 
 
-def _winograd_tiles(ho: int, wo: int) -> tuple[int, int]:
-  """Tile rows and columns: 2x2 output tiles covering ``ho x wo``."""
-  return -(-ho // 2), -(-wo // 2)
+def _winograd_pad(x: jax.Array) -> tuple[jax.Array, int, int]:
+  """``x`` zero-padded to whole tiles, and the tile rows and columns.
+
+  The 2x2 output tiles cover the VALID output; their 4x4 input tiles, at
+  stride 2, need ``2 * tiles + 2`` input rows and columns.
+  """
+  _, h, wd, _ = x.shape
+  th, tw = -(-(h - 2) // 2), -(-(wd - 2) // 2)
+  x = jnp.pad(x, ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - wd), (0, 0)))
+  return x, th, tw
 
 
 def _winograd_input_transform(x: jax.Array) -> jax.Array:
@@ -543,9 +550,7 @@ def winograd_conv_valid(
   if w.shape[:2] != (3, 3):
     raise ValueError(f'Winograd F(2x2, 3x3) needs a 3x3 kernel, got {w.shape}.')
   co = w.shape[3]
-  ho, wo = h - 2, wd - 2
-  th, tw = _winograd_tiles(ho, wo)
-  x = jnp.pad(x, ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - wd), (0, 0)))
+  x, th, tw = _winograd_pad(x)
   m = lax.dot_general(
       _winograd_input_transform(x),
       _winograd_kernel_transform(w),
@@ -557,7 +562,7 @@ def winograd_conv_valid(
       [jnp.stack((r[0] + r[1] + r[2], r[1] - r[2] - r[3]), axis=-2) for r in out_rows],
       axis=2,
   )
-  return y.reshape(n, 2 * th, 2 * tw, co)[:, :ho, :wo]
+  return y.reshape(n, 2 * th, 2 * tw, co)[:, : h - 2, : wd - 2]
 
 
 def _overlap_add(first: jax.Array, second: jax.Array, axis: int) -> jax.Array:
@@ -585,13 +590,10 @@ def winograd_conv_valid_vjp(
   """
   n, h, wd, c = x.shape
   co = w.shape[3]
-  ho, wo = h - 2, wd - 2
-  th, tw = _winograd_tiles(ho, wo)
-  v = _winograd_input_transform(
-      jnp.pad(x, ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - wd), (0, 0)))
-  )
+  x, th, tw = _winograd_pad(x)
+  v = _winograd_input_transform(x)
   u = _winograd_kernel_transform(w)
-  g = jnp.pad(g, ((0, 0), (0, 2 * th - ho), (0, 2 * tw - wo), (0, 0)))
+  g = jnp.pad(g, ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - wd), (0, 0)))
   g = g.reshape(n, th, 2, tw, 2, co)
   dm = jnp.stack([
       t

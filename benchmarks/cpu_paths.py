@@ -23,7 +23,8 @@ choices and for the training-speed ceiling, so they live here, runnable:
       YNNPACK off for the step.
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
-      CPU time spent in the kernel and minor page faults per step.
+      CPU time spent in the kernel, minor page faults per step and the
+      process's peak RSS.
   python -m benchmarks.cpu_paths --what=flops
       XLA's cost analysis of `train_step` and `eval_step`, FLOPs per image,
       with direct (``lax``) convolutions and as agejax runs them (``auto``).
@@ -233,8 +234,8 @@ def _host(batch_sizes: Sequence[int], repeats: int) -> None:
   """Where a training step's CPU time goes: user code or the kernel."""
   print(
       f'steps.train_step, {repeats} steps, host malloc {_HOST_MALLOC.value}\n'
-      '| batch | ms per step | cores busy | kernel share of CPU time | minor page faults per step |\n'
-      '|---|---|---|---|---|'
+      '| batch | ms per step | cores busy | kernel share of CPU time | minor page faults per step'
+      ' | peak RSS of the process |\n|---|---|---|---|---|---|'
   )
   key = jax.random.PRNGKey(1)
   for batch_size in batch_sizes:
@@ -249,11 +250,13 @@ def _host(batch_sizes: Sequence[int], repeats: int) -> None:
       state, out = steps.train_step(state, batch, key)
       jax.block_until_ready(out)
     wall, cpu1 = time.perf_counter() - start, os.times()
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    faults = usage.ru_minflt - faults0
     user, system = cpu1.user - cpu0.user, cpu1.system - cpu0.system
     print(
         f'| {batch_size} | {wall / repeats * 1e3:.0f} | {(user + system) / wall:.2f}'
-        f' | {system / (user + system):.0%} | {faults / repeats:,.0f} |',
+        f' | {system / (user + system):.0%} | {faults / repeats:,.0f}'
+        f' | {usage.ru_maxrss / 2**20:.1f} GiB |',
         flush=True,
     )
 

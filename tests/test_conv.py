@@ -69,12 +69,16 @@ def _inputs(b, h, w, cin, cout, kernel, seed=0):
   return x, k
 
 
+def _cotangent(shape):
+  """A fixed output cotangent, scaled so that gradients are unit-scale."""
+  g = jax.random.normal(jax.random.PRNGKey(7), shape)
+  return g / jnp.sqrt(shape[0] * shape[1] * shape[2])
+
+
 def _vjp(fn, x, k, **kwargs):
-  """Output and (dx, dk) for a fixed, unit-scale cotangent."""
+  """Output and (dx, dk) for the `_cotangent` of the output's shape."""
   y, pullback = jax.vjp(lambda a, b: fn(a, b, (1, 1), **kwargs), x, k)
-  g = jax.random.normal(jax.random.PRNGKey(7), y.shape)
-  g = g / jnp.sqrt(y.shape[0] * y.shape[1] * y.shape[2])
-  return y, pullback(g)
+  return y, pullback(_cotangent(y.shape))
 
 
 def _uses_custom_vjp(fn, x, k, *args, **kwargs) -> bool:
@@ -159,11 +163,15 @@ class MatmulConvTest(chex.TestCase):
   @parameterized.parameters(
       (2, 22, 22, 64, 128),
       (2, 7, 7, 128, 256),
+      (2, 9, 9, 32, 16),
       (3, 3, 3, 4, 5),  # a single output position
       (2, 8, 5, 3, 2),  # odd output width, non-square
       (1, 10, 13, 2, 3),  # odd output height
+      (1, 4, 6, 1, 1),  # even output, one channel
   )
-  def test_winograd_conv_valid_matches_lax(self, b, h, w, cin, cout):
+  def test_winograd_conv_valid_and_vjp_match_lax(self, b, h, w, cin, cout):
+    # The forward and JAX's transpose of it against lax, and the written-out
+    # backward pass against both.
     x, k = _inputs(b, h, w, cin, cout, (3, 3))
     fast = lambda a, b, strides: conv.winograd_conv_valid(a, b)
     want = _vjp(
@@ -171,29 +179,11 @@ class MatmulConvTest(chex.TestCase):
     )
     got = self.variant(lambda a, b: _vjp(fast, a, b))(x, k)
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
-
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(
-      (2, 22, 22, 64, 128),
-      (2, 9, 9, 32, 16),
-      (3, 3, 3, 4, 5),  # a single output position
-      (2, 8, 5, 3, 2),  # odd output width, non-square
-      (1, 10, 13, 2, 3),  # odd output height
-      (1, 4, 6, 1, 1),  # even output, one channel
-  )
-  def test_winograd_vjp_matches_autodiff_and_lax(self, b, h, w, cin, cout):
-    # The written-out backward pass against JAX's transpose of the forward
-    # and against lax's gradients.
-    x, k = _inputs(b, h, w, cin, cout, (3, 3))
-    y, (want_dx, want_dk) = _vjp(
-        lax.conv_general_dilated, x, k, padding='VALID', dimension_numbers=_NHWC
+    written_out = self.variant(conv.winograd_conv_valid_vjp)(
+        x, k, _cotangent(want[0].shape)
     )
-    g = jax.random.normal(jax.random.PRNGKey(7), y.shape)
-    g = g / jnp.sqrt(y.shape[0] * y.shape[1] * y.shape[2])
-    got = self.variant(conv.winograd_conv_valid_vjp)(x, k, g)
-    _, pullback = jax.vjp(conv.winograd_conv_valid, x, k)
-    chex.assert_trees_all_close(got, pullback(g), rtol=_TOL, atol=_TOL)
-    chex.assert_trees_all_close(got, (want_dx, want_dk), rtol=_TOL, atol=_TOL)
+    chex.assert_trees_all_close(written_out, got[1], rtol=_TOL, atol=_TOL)
+    chex.assert_trees_all_close(written_out, want[1], rtol=_TOL, atol=_TOL)
 
   def test_winograd_conv_valid_needs_3x3(self):
     x, k = _inputs(1, 6, 6, 2, 3, (3, 2))
