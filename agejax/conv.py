@@ -519,10 +519,20 @@ def _winograd_input_transform(x: jax.Array) -> jax.Array:
   for r in rows:
     left = r[:, :, : 2 * tw].reshape(n, th, tw, 2, c)
     right = r[:, :, 2:].reshape(n, th, tw, 2, c)
-    tiles.extend(
+    tiles.append(
         _winograd_1d(left[..., 0, :], left[..., 1, :], right[..., 0, :], right[..., 1, :])
     )
-  return jnp.stack(tiles).reshape(16, n * th * tw, c)
+  return _stack_4x4(tiles).reshape(16, n * th * tw, c)
+
+
+def _stack_4x4(groups: Sequence[Sequence[jax.Array]]) -> jax.Array:
+  """Four groups of four equal-shaped arrays as one [4, 4, ...] array.
+
+  XLA:CPU fuses a concatenate of at most 8 operands with the computations
+  that produce them; a flat stack of 16 is emitted as a separate copy of
+  every piece, the step's largest elementwise operation (docs/PERFORMANCE.md).
+  """
+  return jnp.stack([jnp.stack(group) for group in groups])
 
 
 def _winograd_kernel_transform(w: jax.Array) -> jax.Array:
@@ -595,10 +605,9 @@ def winograd_conv_valid_vjp(
   u = _winograd_kernel_transform(w)
   g = jnp.pad(g, ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - wd), (0, 0)))
   g = g.reshape(n, th, 2, tw, 2, co)
-  dm = jnp.stack([
-      t
+  dm = _stack_4x4([
+      _winograd_output_1d_t(r[..., 0, :], r[..., 1, :])
       for r in _winograd_output_1d_t(g[:, :, 0], g[:, :, 1])
-      for t in _winograd_output_1d_t(r[..., 0, :], r[..., 1, :])
   ]).reshape(16, n * th * tw, co)
   du = lax.dot_general(
       v, dm, (((1,), (1,)), ((0,), (0,))), precision=precision

@@ -20,7 +20,8 @@ choices and for the training-speed ceiling, so they live here, runnable:
       with one choice undone: Winograd's backward by ``jax.vjp`` of its
       forward instead of written out, without Winograd's forward, backward or both,
       with the forward on YNNPACK (no Winograd, no Eigen padding), with
-      YNNPACK off for the step.
+      YNNPACK off for the step, with Winograd's 16 tiles stacked at once
+      instead of as four stacks of four.
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
       CPU time spent in the kernel, minor page faults per step and the
@@ -187,9 +188,16 @@ def _winograd_autodiff_vjp(
   return pullback(g)
 
 
+def _flat_stack_16(groups: Sequence[Sequence[jax.Array]]) -> jax.Array:
+  """`conv._stack_4x4` as one flat stack of 16, which XLA:CPU cannot fuse."""
+  pieces = [piece for group in groups for piece in group]
+  return jnp.stack(pieces).reshape(4, 4, *pieces[0].shape)
+
+
 # --what=train: each variant undoes one of agejax.conv's CPU choices.
 _TRAIN_VARIANTS = {
     'shipped': ({}, None),
+    'Winograd tiles as one stack of 16': ({'_stack_4x4': _flat_stack_16}, None),
     'Winograd backward by jax.vjp': ({'winograd_conv_valid_vjp': _winograd_autodiff_vjp}, None),
     'no Winograd forward': ({'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9}, None),
     'no Winograd backward': ({'_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9}, None),
