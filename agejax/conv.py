@@ -537,11 +537,9 @@ def _stack_4x4(groups: Sequence[Sequence[jax.Array]]) -> jax.Array:
 
 def _winograd_kernel_transform(w: jax.Array) -> jax.Array:
   """``G g G^T`` of a 3x3 HWIO kernel: [16, C_in, C_out]."""
-  return jnp.stack([
-      k
-      for r in _winograd_kernel_1d(w[0], w[1], w[2])
-      for k in _winograd_kernel_1d(r[0], r[1], r[2])
-  ])
+  return _stack_4x4([
+      _winograd_kernel_1d(r[0], r[1], r[2]) for r in _winograd_kernel_1d(w[0], w[1], w[2])
+  ]).reshape(16, *w.shape[2:])
 
 
 def winograd_conv_valid(
