@@ -33,8 +33,9 @@ rounding) with a custom VJP:
   channels.
 
 On the study's network the Winograd paths make the whole training step
-1.2-1.5x faster, with or without the freed-memory reuse that
-`agejax.host_malloc` arranges (docs/PERFORMANCE.md).
+1.2-1.6x faster, with or without the freed-memory reuse that
+`agejax.host_malloc` arranges (docs/PERFORMANCE.md). Their 16 transformed
+tiles are stacked four by four, a shape XLA:CPU fuses into one loop.
 
 It covers what the study's network uses: 2-D NHWC inputs, HWIO kernels,
 stride 1, no dilation, one feature and batch group, no

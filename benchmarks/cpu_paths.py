@@ -26,6 +26,10 @@ choices and for the training-speed ceiling, so they live here, runnable:
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
       CPU time spent in the kernel, minor page faults per step and the
       process's peak RSS.
+  python -m benchmarks.cpu_paths --what=profile --batch_size=64 --repeats=8
+      Where one `agejax.steps.train_step` spends its time: a `jax.profiler`
+      trace of ``--repeats`` steps, each XLA:CPU operation's time per step
+      (median over the steps), summed by layer and listed one by one.
   python -m benchmarks.cpu_paths --what=flops
       XLA's cost analysis of `train_step` and `eval_step`, FLOPs per image,
       with direct (``lax``) convolutions and as agejax runs them (``auto``).
@@ -38,10 +42,14 @@ experiments train).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import glob
 import os
+import re
 import resource
 import statistics
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 from unittest import mock
@@ -59,9 +67,15 @@ from agejax import host_malloc
 from agejax import steps
 
 _WHAT = flags.DEFINE_enum(
-    'what', 'layers', ['peak', 'layers', 'eval', 'train', 'host', 'flops'], 'Which measurement.'
+    'what',
+    'layers',
+    ['peak', 'layers', 'eval', 'train', 'host', 'flops', 'profile'],
+    'Which measurement.',
 )
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 64, 'Batch size for --what=layers.')
+_BATCH_SIZE = flags.DEFINE_integer(
+    'batch_size', 64, 'Batch size for --what=layers and --what=profile.'
+)
+_TOP = flags.DEFINE_integer('top', 30, 'Rows of each --what=profile table.')
 _BATCH_SIZES = flags.DEFINE_list(
     'batch_sizes', ['64', '128', '256', '512'], 'Batch sizes for --what=eval and --what=train.'
 )
@@ -285,6 +299,64 @@ def _flops() -> None:
       print(f'{name}, conv_impl={impl}: {cost["flops"] / batch_size / 1e6:.0f} MFLOP per image (batch {batch_size})')
 
 
+def _op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> the JAX op name in its metadata, less the jit prefix."""
+  names = {}
+  for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.-]+) = .*?op_name="([^"]*)"', hlo_text, re.M):
+    names[m.group(1)] = m.group(2).removeprefix('jit(train_step)/')
+  return names
+
+
+def _profile(batch_size: int, repeats: int, top: int) -> None:
+  """Per-operation time of `train_step` from a `jax.profiler` trace."""
+  batch = _batch(batch_size, np.random.default_rng(0))
+  key = jax.random.PRNGKey(1)
+  state = _state()
+  compiled = steps.train_step.lower(state, batch, key).compile()
+  op_names = _op_names(compiled.as_text())
+  for _ in range(3):
+    state, out = compiled(state, batch, key)
+    jax.block_until_ready(out)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(repeats):
+        state, out = compiled(state, batch, key)
+        jax.block_until_ready(out)
+    (path,) = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)
+    profile = jax.profiler.ProfileData.from_file(path)
+  events = [
+      (event.start_ns, event.start_ns + event.duration_ns, event.name)
+      for plane in profile.planes
+      for line in plane.lines
+      for event in line.events
+  ]
+  # One executable run per step: the caller thread waits on each.
+  runs = sorted((s, e) for s, e, name in events if name.startswith('ThunkExecutor::Execute (wait'))
+  per_step = []
+  for start, end in runs:
+    times = collections.Counter()
+    for s, e, name in events:
+      if start <= s and e <= end and name in op_names:
+        times[op_names[name]] += (e - s) / 1e6
+    per_step.append(times)
+  ops = {op: statistics.median(t.get(op, 0.0) for t in per_step) for op in set().union(*per_step)}
+  layers = collections.Counter()
+  for op, ms in ops.items():
+    direction = 'backward' if op.startswith('transpose(') else 'forward'
+    layer = re.search(r'(block\d/(?:conv|bn)\d|head/\w+|logits|Dropout_\d)', op)
+    layers[(direction, layer.group(1) if layer else 'other')] += ms
+  print(
+      f'steps.train_step, batch {batch_size}: {statistics.median((e - s) / 1e6 for s, e in runs):.0f} ms'
+      f' per traced step (median of {len(runs)}), operations sum to {sum(ops.values()):.0f} ms'
+  )
+  print('\n| pass | layer | ms per step |\n|---|---|---|')
+  for (direction, layer), ms in layers.most_common(top):
+    print(f'| {direction} | {layer} | {ms:.1f} |')
+  print('\n| ms per step | operation (JAX op name) |\n|---|---|')
+  for op, ms in sorted(ops.items(), key=lambda item: -item[1])[:top]:
+    print(f'| {ms:.1f} | `{op}` |')
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -299,6 +371,8 @@ def main(argv: Sequence[str]) -> None:
     _train([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
   elif _WHAT.value == 'host':
     _host([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
+  elif _WHAT.value == 'profile':
+    _profile(_BATCH_SIZE.value, _REPEATS.value, _TOP.value)
   else:
     _flops()
 
