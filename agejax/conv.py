@@ -11,16 +11,17 @@ slower than elementwise code. See docs/PERFORMANCE.md for the measurements.
 ``lax.conv_general_dilated`` (same signature, same values to float32
 rounding) with a custom VJP:
 
-* forward of float32 3x3 layers with at least 32 input channels and 6
-  output rows: `winograd_conv_valid` (Winograd F(2x2, 3x3): 16
-  multiplications per 2x2 output tile instead of 36);
+* forward of float32 and bfloat16 3x3 layers with at least 32 input
+  channels and 6 output rows: `winograd_conv_valid` (Winograd F(2x2, 3x3):
+  16 multiplications per 2x2 output tile instead of 36; bfloat16 tiles,
+  float32 transforms and accumulation);
 * other forwards: a ``lax`` convolution whose input is padded by ``kh`` rows
   at the bottom, then sliced back to the VALID rows. YNNPACK rejects
   convolutions whose output is taller than their input, so this one runs on
   Eigen. Used from 8 input channels and 6 output rows up; otherwise the plain
   VALID ``lax`` convolution;
-* both gradients of float32 3x3 layers with at least 32 input channels:
-  `winograd_conv_valid_vjp`, Winograd's backward pass written out;
+* both gradients of float32 and bfloat16 3x3 layers with at least 32 input
+  channels: `winograd_conv_valid_vjp`, Winograd's backward pass written out;
 * other input gradients: the transposed convolution, written as a VALID
   convolution of the cotangent padded by ``kernel - 1`` with the flipped
   kernel (what ``lax`` does; its output is taller than its input, so it runs
@@ -370,9 +371,10 @@ def _eigen_kernel_grad(x_shape: Sequence[int], g_shape: Sequence[int]) -> bool:
 def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   """The VALID convolution, on the fastest XLA:CPU kernel for its shape.
 
-  Float32 3x3 layers with at least 32 input channels and 6 output rows run
-  `winograd_conv_valid`. Otherwise: XLA:CPU (jaxlib 0.10.2) gives a 2-D convolution to YNNPACK unless its output
-  is taller than its input; YNNPACK runs these layers 2-3x slower than Eigen.
+  Float32 and bfloat16 3x3 layers with at least 32 input channels and 6
+  output rows run `winograd_conv_valid`. Otherwise: XLA:CPU (jaxlib 0.10.2)
+  gives a 2-D convolution to YNNPACK unless its output is taller than its
+  input; YNNPACK runs these layers 2-3x slower than Eigen.
   Padding the input's bottom by ``kh`` rows makes the output ``kh`` rows
   taller than the VALID one (one row taller than the input), which routes it
   to Eigen; the extra rows are sliced off. The kept rows only read real input
@@ -447,6 +449,10 @@ def _kernel_grad(
 _WINOGRAD_FORWARD_MIN_IN_CHANNELS = 32
 _WINOGRAD_FORWARD_MIN_OUT_ROWS = 6
 _WINOGRAD_BACKWARD_MIN_IN_CHANNELS = 32
+# bfloat16 runs it with bfloat16 tiles (half the memory traffic), float32
+# transforms and float32 accumulation: 1.3-1.9x the bfloat16 training step on
+# ``lax`` convolutions (docs/PERFORMANCE.md).
+_WINOGRAD_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def _winograd_forward(x_shape: Sequence[int], w: jax.Array) -> bool:
@@ -455,7 +461,7 @@ def _winograd_forward(x_shape: Sequence[int], w: jax.Array) -> bool:
       (kh, kw) == (3, 3)
       and cin >= _WINOGRAD_FORWARD_MIN_IN_CHANNELS
       and x_shape[1] - kh + 1 >= _WINOGRAD_FORWARD_MIN_OUT_ROWS
-      and w.dtype == jnp.float32
+      and w.dtype in _WINOGRAD_DTYPES
   )
 
 
@@ -464,7 +470,7 @@ def _winograd_backward(w: jax.Array) -> bool:
   return (
       (kh, kw) == (3, 3)
       and cin >= _WINOGRAD_BACKWARD_MIN_IN_CHANNELS
-      and w.dtype == jnp.float32
+      and w.dtype in _WINOGRAD_DTYPES
   )
 
 
@@ -554,24 +560,30 @@ def winograd_conv_valid(
   2x2 output tiles (``A^T m A``); the result is cropped to the VALID size.
   Equal to ``lax.conv_general_dilated`` to ~1e-6 relative. Its gradients, as
   `matmul_conv_general_dilated` computes them, are `winograd_conv_valid_vjp`.
+
+  The transforms and the matmuls' accumulation are float32 whatever the
+  inputs' dtype; the tiles the matmuls read, and the result, have the
+  dtype of ``x`` (bfloat16 halves the tiles' memory traffic).
   """
   n, h, wd, _ = x.shape
   if w.shape[:2] != (3, 3):
     raise ValueError(f'Winograd F(2x2, 3x3) needs a 3x3 kernel, got {w.shape}.')
   co = w.shape[3]
-  x, th, tw = _winograd_pad(x)
+  dtype = x.dtype
+  x, th, tw = _winograd_pad(x.astype(jnp.float32))
   m = lax.dot_general(
-      _winograd_input_transform(x),
-      _winograd_kernel_transform(w),
+      _winograd_input_transform(x).astype(dtype),
+      _winograd_kernel_transform(w.astype(jnp.float32)).astype(dtype),
       (((2,), (1,)), ((0,), (0,))),
       precision=precision,
+      preferred_element_type=jnp.float32,
   ).reshape(4, 4, n, th, tw, co)
   out_rows = (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
   y = jnp.stack(
       [jnp.stack((r[0] + r[1] + r[2], r[1] - r[2] - r[3]), axis=-2) for r in out_rows],
       axis=2,
   )
-  return y.reshape(n, 2 * th, 2 * tw, co)[:, : h - 2, : wd - 2]
+  return y.reshape(n, 2 * th, 2 * tw, co)[:, : h - 2, : wd - 2].astype(dtype)
 
 
 def _overlap_add(first: jax.Array, second: jax.Array, axis: int) -> jax.Array:
@@ -595,24 +607,35 @@ def winograd_conv_valid_vjp(
   Equal to ``jax.vjp`` of `winograd_conv_valid`, whose transpose of the
   tiling XLA:CPU compiles into pads and adds of whole tensors: the study's
   whole training step is up to 1.3x faster with this one
-  (docs/PERFORMANCE.md).
+  (docs/PERFORMANCE.md). Dtypes as in `winograd_conv_valid`: float32
+  transforms and accumulation, tiles and results in the dtype of ``x``.
   """
   n, h, wd, c = x.shape
   co = w.shape[3]
-  x, th, tw = _winograd_pad(x)
-  v = _winograd_input_transform(x)
-  u = _winograd_kernel_transform(w)
+  dtype = x.dtype
+  x, th, tw = _winograd_pad(x.astype(jnp.float32))
+  v = _winograd_input_transform(x).astype(dtype)
+  u = _winograd_kernel_transform(w.astype(jnp.float32)).astype(dtype)
+  g = g.astype(jnp.float32)
   g = jnp.pad(g, ((0, 0), (0, 2 * th + 2 - h), (0, 2 * tw + 2 - wd), (0, 0)))
   g = g.reshape(n, th, 2, tw, 2, co)
   dm = _stack_4x4([
       _winograd_output_1d_t(r[..., 0, :], r[..., 1, :])
       for r in _winograd_output_1d_t(g[:, :, 0], g[:, :, 1])
-  ]).reshape(16, n * th * tw, co)
+  ]).reshape(16, n * th * tw, co).astype(dtype)
   du = lax.dot_general(
-      v, dm, (((1,), (1,)), ((0,), (0,))), precision=precision
+      v,
+      dm,
+      (((1,), (1,)), ((0,), (0,))),
+      precision=precision,
+      preferred_element_type=jnp.float32,
   ).reshape(4, 4, c, co)
   dv = lax.dot_general(
-      dm, u, (((2,), (2,)), ((0,), (0,))), precision=precision
+      dm,
+      u,
+      (((2,), (2,)), ((0,), (0,))),
+      precision=precision,
+      preferred_element_type=jnp.float32,
   ).reshape(4, 4, n, th, tw, c)
   rows = [_winograd_kernel_1d_t(*du[a]) for a in range(4)]
   dw = jnp.stack([
@@ -629,7 +652,7 @@ def winograd_conv_valid_vjp(
   top = jnp.stack(taps[:2], axis=2).reshape(n, 2 * th, 2 * tw + 2, c)
   bottom = jnp.stack(taps[2:], axis=2).reshape(n, 2 * th, 2 * tw + 2, c)
   dx = _overlap_add(top, bottom, axis=1)
-  return dx[:, :h, :wd], dw
+  return dx[:, :h, :wd].astype(dtype), dw.astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
