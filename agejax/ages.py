@@ -3,8 +3,9 @@
 Age estimation is posed as classification. Two label spaces are used:
 
 * **Age classes** (``NUM_AGE_CLASSES = 100``): class ``i`` is the age of
-  ``i`` completed years for ``0 <= i < 99``; the last class, 99, also absorbs
-  every older age (UTKFace runs to 116), so the classes are ``0..99``.
+  ``i`` completed years, ``0..99``. `age_to_class` maps any older age to 99,
+  but the study's splits drop UTKFace's faces older than 99 (it runs to 116)
+  before that (`agejax.data.splits.filter_max_age`).
 * **Study ranges** (``NUM_RANGES = 11``): the inclusive integer ranges
   0-2, 3-5, 6-9, 10-12, 13-17, 18-24, 25-34, 35-44, 45-54, 55-64 and the
   open-ended 65+, used by the study's 11-range variant.

@@ -17,6 +17,7 @@ an interrupted save never replaces a good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from typing import Any, Callable
 
@@ -50,13 +51,14 @@ class RunCheckpoints:
     self._best = _manager(directory / BEST, ('variables', 'meta'))
 
   def save_latest(self, epoch: int, state: Any, progress: dict[str, Any]) -> None:
-    self._latest.save(
+    saved = self._latest.save(
         epoch,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             progress=ocp.args.JsonSave(progress),
         ),
     )
+    _check_saved(saved, self._latest, epoch, self.directory / LATEST)
 
   def save_best(self, epoch: int, variables: Any, meta: dict[str, Any]) -> None:
     """Saves the best variables and returns once they are on disk.
@@ -65,23 +67,30 @@ class RunCheckpoints:
     records this epoch as the best, and a run killed between the two saves
     must not resume with a best score whose variables were never written.
     """
-    self._best.save(
+    saved = self._best.save(
         epoch,
         args=ocp.args.Composite(
             variables=ocp.args.StandardSave(variables),
             meta=ocp.args.JsonSave(meta),
         ),
     )
+    _check_saved(saved, self._best, epoch, self.directory / BEST)
     self._best.wait_until_finished()
+
+  def best_epoch(self) -> int | None:
+    """The epoch of the saved best checkpoint, or None if there is none."""
+    return self._best.latest_step()
 
   def latest_progress(self) -> dict[str, Any] | None:
     """The progress JSON of the latest checkpoint, or None for a new run."""
     step = self._latest.latest_step()
     if step is None:
       return None
-    return self._latest.restore(
-        step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
-    )['progress']
+    where = self.directory / LATEST
+    with _unreadable_as_checkpoint_error(where, step):
+      return self._latest.restore(
+          step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
+      )['progress']
 
   def restore_latest(self, abstract_state: Any) -> Any:
     """Restores the latest train state into ``abstract_state``'s structure."""
@@ -102,6 +111,33 @@ class RunCheckpoints:
     self._best.close()
 
 
+def _check_saved(
+    saved: bool, manager: ocp.CheckpointManager, epoch: int, where: pathlib.Path
+) -> None:
+  """Raises if Orbax skipped a save, as it does for a step not above the last."""
+  if not saved:
+    raise CheckpointError(
+        f'Could not save epoch {epoch} in {where}: it already holds epoch'
+        f' {manager.latest_step()}, from another run. Move that folder aside, or'
+        ' choose a new run directory.'
+    )
+
+
+@contextlib.contextmanager
+def _unreadable_as_checkpoint_error(where: pathlib.Path, step: int):
+  """Turns a failure to read checkpoint files into a `CheckpointError`."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # Orbax and TensorStore raise many types here.
+    raise CheckpointError(
+        f'Checkpoint {where}/{step} could not be read ({type(e).__name__}: {e}).'
+        ' It is incomplete or damaged: move it aside (a run then starts from'
+        ' its previous checkpoint, or afresh), or choose a new run directory.'
+    ) from e
+
+
 def _restore(
     manager: ocp.CheckpointManager,
     step: int,
@@ -110,16 +146,19 @@ def _restore(
     where: pathlib.Path,
 ) -> Any:
   try:
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}),
-    )
-  except (ValueError, KeyError, TypeError) as e:
+    with _unreadable_as_checkpoint_error(where, step):
+      restored = manager.restore(
+          step,
+          args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}),
+      )
+  except CheckpointError as e:
+    if not isinstance(e.__cause__, (ValueError, KeyError, TypeError)):
+      raise
     raise CheckpointError(
         f'Checkpoint {where}/{step} does not fit the model being restored'
-        f' into: {e}. Use a checkpoint written with the same model config, or'
-        ' a fresh run directory.'
-    ) from e
+        f' into: {e.__cause__}. Use a checkpoint written with the same model'
+        ' config, or a fresh run directory.'
+    ) from e.__cause__
   restored = restored[item]
   wrong = [
       f'{jax.tree_util.keystr(path)}: {np.shape(got)} {jax.numpy.result_type(got)}'
@@ -160,11 +199,13 @@ def load_meta(path: str | pathlib.Path) -> dict[str, Any]:
   directory = best_dir(path)
   manager = _manager(directory, ('variables', 'meta'))
   step = manager.best_step() or manager.latest_step()
-  meta = manager.restore(
-      step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-  )['meta']
-  manager.close()
-  return meta
+  try:
+    with _unreadable_as_checkpoint_error(directory, step):
+      return manager.restore(
+          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+      )['meta']
+  finally:
+    manager.close()
 
 
 def load_variables(

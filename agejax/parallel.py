@@ -18,16 +18,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = 'data'
 
 
-def initialize_distributed(coordinator_address: str | None = None) -> None:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
   """Joins a multi-host run (TPU pod slices, multi-node GPU) when configured.
 
-  On TPU pods `jax.distributed.initialize()` finds its peers by itself; pass
-  ``coordinator_address`` elsewhere. Single-host runs need not call this.
+  On TPU pods, and on clusters JAX detects (SLURM, Open MPI),
+  `jax.distributed.initialize()` finds its peers by itself. Elsewhere pass
+  all three: the address of process 0, the number of processes and this
+  one's index (0 on process 0). Single-host runs need not call this.
   """
-  if coordinator_address:
-    jax.distributed.initialize(coordinator_address=coordinator_address)
-  else:
-    jax.distributed.initialize()
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+  )
 
 
 def data_mesh(devices: list[jax.Device] | None = None) -> Mesh:

@@ -42,15 +42,19 @@ def write_run_record(
   ``path``, if any, must agree with ``record`` on the top-level keys of
   ``identity`` (other keys, such as where the files were read from, may
   change); otherwise it is left as it is and ValueError names the keys.
+  Every key of ``identity`` is written, absent ones as null, so a key missing
+  from the saved file means that its writer did not record that input yet;
+  such keys are not compared.
   """
   path = pathlib.Path(path)
+  record = {**{k: None for k in identity}, **record}
   if path.exists():
     try:
       saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
       raise ValueError(f'{path} is unreadable ({e}); move it away to start afresh.') from e
-    new = json.loads(json.dumps({k: record.get(k) for k in identity}, default=_plain))
-    differ = [k for k in identity if saved.get(k) != new[k]]
+    new = json.loads(json.dumps({k: record[k] for k in identity}, default=_plain))
+    differ = [k for k in identity if k in saved and saved[k] != new[k]]
     if differ:
       raise ValueError(f'{path} records other inputs ({", ".join(differ)} differ).')
   write_json(path, record)

@@ -38,10 +38,13 @@ def config_dict(config: Any) -> dict[str, Any]:
   return _jsonable(dataclasses.asdict(config))
 
 
-# Fields that change only what is reported, not what is trained. A run resumes
-# across a change in them, and across their absence from a run saved by an
-# agejax that did not have them yet.
-_REPORT_ONLY_FIELDS = (('history_metrics',), ('step', 'ordinal'))
+# Fields that change only what is reported, or how the same training runs
+# (a scanned or looped epoch, the evaluation batch size: equal to float
+# rounding), not what is trained. A run resumes across a change in them, and
+# across their absence from a run saved by an agejax that did not have them.
+_REPORT_ONLY_FIELDS = (
+    ('history_metrics',), ('step', 'ordinal'), ('epoch_mode',), ('eval_batch_size',)
+)
 
 
 def training_identity(run_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -170,6 +173,14 @@ def train_and_evaluate(
         f' same flags, or choose a new --workdir. Saved: {workdir / "config.json"}.'
     )
 
+  if progress is None and ckpts.best_epoch() is not None:
+    raise checkpoints.CheckpointError(
+        f'{workdir / "checkpoints" / checkpoints.BEST} holds the best epoch'
+        f' ({ckpts.best_epoch()}) of a run whose latest checkpoint is gone, so'
+        ' this run cannot resume it and would report it as its own. Move'
+        f' {workdir / "checkpoints"} aside to start over, or choose a new'
+        ' --workdir.'
+    )
   if progress is None:
     variables, report = initial_variables(config, log)
     transfer_report = None if report is None else report.to_dict()

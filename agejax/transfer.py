@@ -103,7 +103,11 @@ def merge_params(
   merged = jax.tree_util.tree_map_with_path(pick, init)
   unused = [p for p in dont_load if p not in used_patterns]
   if unused:
-    raise ValueError(f'dont_load patterns {unused} match no parameter path.')
+    paths = sorted(_flat(init))
+    raise ValueError(
+        f'dont_load patterns {unused} match no parameter path; paths start'
+        f' with the collection, e.g. {paths[:: max(1, len(paths) // 3)][:4]}.'
+    )
   if not report['loaded']:
     raise ValueError(
         'No array of the checkpoint matches the model by path and shape;'

@@ -39,6 +39,13 @@ flags.DEFINE_string(
     'coordinator_address', None,
     'Multi-host runs: address of process 0 (TPU pods need none: set --multihost).',
 )
+flags.DEFINE_integer(
+    'num_processes', None, 'Multi-host runs with --coordinator_address: how many processes.'
+)
+flags.DEFINE_integer(
+    'process_id', None,
+    "Multi-host runs with --coordinator_address: this process's index (0 on process 0).",
+)
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first.')
 flags.DEFINE_bool('progress', True, 'Show a progress bar per epoch.')
 flags.DEFINE_integer(
@@ -56,7 +63,10 @@ flags.DEFINE_integer('split_seed', 0, 'Seed of the UTKFace split.')
 flags.DEFINE_enum('labels', 'ages', ['ages', 'ranges11'], '100 age classes or the 11 study ranges.')
 flags.DEFINE_integer('undersample_age', None, "Age whose images are undersampled (the study's 26).")
 flags.DEFINE_integer('undersample_n', 0, 'How many images of --undersample_age to remove.')
-flags.DEFINE_integer('class_cap', None, 'Keep at most this many training images per class.')
+flags.DEFINE_integer(
+    'class_cap', None,
+    'Keep at most this many training images per class (per age, or per range with'
+    ' --labels=ranges11).')
 flags.DEFINE_bool('class_weights', False, "Weight the loss by sklearn's 'balanced' class weights.")
 flags.DEFINE_integer('synthetic_train', 2000, 'Synthetic training faces.')
 flags.DEFINE_integer('synthetic_eval', 500, 'Synthetic validation and test faces (each).')
@@ -75,7 +85,8 @@ flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtyp
 flags.DEFINE_list(
     'stages', None,
     'Stages as name:epochs:learning_rate:freeze, freeze a preset of'
-    ' agejax.freezing.PRESETS or regexes joined by "|".',
+    ' agejax.freezing.PRESETS or parameter-path regexes (e.g. block1/.*) joined by'
+    ' "|" at the top level; a regex may hold ":" and "|" in groups, not ",".',
 )
 flags.DEFINE_enum(
     'schedule', 'paper', ['paper', 'short'],
@@ -90,29 +101,68 @@ flags.DEFINE_enum('epoch_mode', 'auto', ['auto', 'scan', 'loop'], 'One compiled 
 flags.DEFINE_string('select_metric', 'accuracy', 'Validation score that picks the best checkpoint.')
 flags.DEFINE_enum('select_mode', 'max', ['max', 'min'], 'Whether --select_metric is better high or low.')
 flags.DEFINE_string('init_from', None, 'Run directory of a FER (or other) checkpoint to transfer from.')
-flags.DEFINE_list('dont_load', [], 'Parameter-path regexes not copied on transfer.')
+flags.DEFINE_list(
+    'dont_load', [],
+    'Parameter-path regexes not copied on transfer, matched against whole paths that'
+    " start with the collection, e.g. 'params/logits/.*' or 'batch_stats/block1/.*'.")
 
 FLAGS = flags.FLAGS
 
 
 
+def _split_top_level(pattern: str) -> tuple[str, ...]:
+  """Splits a regex at the ``|`` outside groups and classes: ``a|b(c|d)`` -> a, b(c|d)."""
+  parts, current, depth, in_class, escaped = [], [], 0, False, False
+  for ch in pattern:
+    if escaped:
+      escaped = False
+    elif ch == '\\':
+      escaped = True
+    elif in_class:
+      in_class = ch != ']'
+    elif ch == '[':
+      in_class = True
+    elif ch == '(':
+      depth += 1
+    elif ch == ')':
+      depth -= 1
+    elif ch == '|' and depth == 0:
+      parts.append(''.join(current))
+      current = []
+      continue
+    current.append(ch)
+  parts.append(''.join(current))
+  return tuple(parts)
+
+
 def parse_stages(specs: list[str], schedule: str = 'paper') -> tuple[config_lib.StageConfig, ...]:
-  """Parses ``name:epochs:lr:freeze`` strings (see --stages, --schedule)."""
+  """Parses ``name:epochs:lr:freeze`` strings (see --stages, --schedule).
+
+  ``freeze`` is a preset name (a bare word) or parameter-path regexes joined
+  by ``|``; each top-level alternative is one pattern, so that each must match
+  some parameter, and a ``|`` inside a group stays part of its pattern.
+  """
   stages = []
   for spec in specs:
-    parts = spec.split(':')
+    parts = spec.split(':', 3)
     if len(parts) != 4:
       raise flags.ValidationError(
           f'--stages entry {spec!r} is not name:epochs:learning_rate:freeze.'
       )
     name, epochs, lr, freeze = parts
-    patterns = freeze.split('|')
+    try:
+      epochs, lr = int(epochs), float(lr)
+    except ValueError as e:
+      raise flags.ValidationError(
+          f'--stages entry {spec!r}: epochs must be an integer and the learning'
+          f' rate a number ({e}).'
+      ) from e
     stages.append(
         config_lib.StageConfig(
             name=name,
-            epochs=int(epochs) if schedule == 'paper' else max(1, int(epochs) // 10),
-            learning_rate=float(lr),
-            freeze=freeze if len(patterns) == 1 and '/' not in freeze else tuple(patterns),
+            epochs=epochs if schedule == 'paper' else max(1, epochs // 10),
+            learning_rate=lr,
+            freeze=freeze if freeze.isidentifier() else _split_top_level(freeze),
         )
     )
   return tuple(stages)
@@ -167,21 +217,37 @@ def _truncate(splits: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, n
   return {**splits, 'train': train}
 
 
-def fer_data() -> dict[str, dict[str, np.ndarray]]:
-  """FER splits (train / validation / test) as the flags select."""
+def _synthetic_report() -> dict[str, Any]:
+  """The flags that decide which synthetic faces a run gets."""
+  return {
+      'synthetic': {'train': FLAGS.synthetic_train, 'eval': FLAGS.synthetic_eval},
+      'split_seed': FLAGS.split_seed,
+  }
+
+
+def fer_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+  """FER splits (train / validation / test) as the flags select, and a report."""
+  report: dict[str, Any] = {'data': FLAGS.data}
   if FLAGS.data == 'synthetic':
     splits = synthetic.make_fer_splits(
         FLAGS.split_seed, FLAGS.synthetic_train, FLAGS.synthetic_eval, FLAGS.synthetic_eval
     )
+    report.update(_synthetic_report())
   else:
     splits = fer2013.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
-  return _truncate(splits)
+    report['manual_dir'] = FLAGS.manual_dir
+  splits = _truncate(splits)
+  if FLAGS.max_train_examples:
+    report['train_truncated_to'] = len(splits['train']['label'])
+    report['split_seed'] = FLAGS.split_seed
+  return splits, report
 
 
 def age_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
   """Age splits as the flags select, with labels, balancing and a report."""
-  report: dict[str, Any] = {'data': FLAGS.data}
+  report: dict[str, Any] = {'data': FLAGS.data, 'split_seed': FLAGS.split_seed}
   if FLAGS.data == 'synthetic':
+    report.update(_synthetic_report())
     splits = synthetic.make_age_splits(
         FLAGS.split_seed, FLAGS.synthetic_train, FLAGS.synthetic_eval, FLAGS.synthetic_eval
     )
@@ -192,20 +258,18 @@ def age_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     )
     report.update(load=load_report, split=split_report)
   splits = _balance(splits, report)
-  if FLAGS.labels == 'ranges11':
-    splits = {
-        name: {**s, 'label': np.asarray(ages.age_to_range(s['age']))}
-        for name, s in splits.items()
-    }
   splits = _truncate(splits)
   if FLAGS.max_train_examples:
     report['train_truncated_to'] = len(splits['train']['label'])
   return splits, report
 
 
-# The parts of an age run's data report that say which faces it trains and is
+# The parts of a run's data report that say which faces it trains and is
 # scored on (not where the files were read from).
-_DATA_IDENTITY = ('data', 'split', 'train_before_balancing', 'train_after_balancing', 'train_truncated_to')
+_DATA_IDENTITY = (
+    'data', 'split_seed', 'synthetic', 'split', 'train_before_balancing',
+    'train_after_balancing', 'train_truncated_to',
+)
 
 
 def write_data_report(workdir: str, report: dict[str, Any]) -> None:
@@ -221,23 +285,36 @@ def write_data_report(workdir: str, report: dict[str, Any]) -> None:
   except ValueError as e:
     raise app.UsageError(
         f'{e} Resume the run with its own data flags (--data, --protocol, --split_seed,'
-        ' --undersample_age/_n, --class_cap, --max_train_examples), or choose a new --workdir.'
+        ' --undersample_age/_n, --class_cap, --max_train_examples, --synthetic_train/_eval),'
+        ' or choose a new --workdir.'
     ) from e
 
 
 def _balance(splits: dict[str, dict[str, np.ndarray]], report: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
-  """Undersampling and capping of age classes, on the training split only."""
+  """Undersampling of one age, relabelling to --labels, capping per class.
+
+  Undersampling and capping touch the training split only; the cap applies
+  to the classes being trained (ages, or the 11 ranges).
+  """
   train = splits['train']
   before = len(train['label'])
   if FLAGS.undersample_age is not None and FLAGS.undersample_n:
     train = balance.undersample(
         train, label=FLAGS.undersample_age, n_remove=FLAGS.undersample_n, seed=FLAGS.split_seed
     )
+  splits = {**splits, 'train': train}
+  if FLAGS.labels == 'ranges11':
+    splits = {
+        name: {**s, 'label': np.asarray(ages.age_to_range(s['age']))}
+        for name, s in splits.items()
+    }
   if FLAGS.class_cap:
-    train = balance.cap_per_class(train, cap=FLAGS.class_cap, seed=FLAGS.split_seed)
+    splits['train'] = balance.cap_per_class(
+        splits['train'], cap=FLAGS.class_cap, seed=FLAGS.split_seed
+    )
   report['train_before_balancing'] = before
-  report['train_after_balancing'] = len(train['label'])
-  return {**splits, 'train': train}
+  report['train_after_balancing'] = len(splits['train']['label'])
+  return splits
 
 
 def num_age_classes() -> int:
@@ -253,7 +330,16 @@ def setup() -> None:
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   if FLAGS.multihost or FLAGS.coordinator_address:
-    parallel.initialize_distributed(FLAGS.coordinator_address)
+    try:
+      parallel.initialize_distributed(
+          FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+      )
+    except ValueError as e:  # e.g. JAX's 'Number of processes must be defined.'
+      raise app.UsageError(
+          f'Could not join the multi-host run: {e} Outside TPU pods and the'
+          ' clusters JAX detects (SLURM, Open MPI), pass --coordinator_address,'
+          ' --num_processes and --process_id.'
+      ) from e
 
 
 HEADLINE = (

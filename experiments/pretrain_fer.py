@@ -21,8 +21,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   common.setup()
   config = common.train_config('fer', num_classes=7)
+  data, data_report = common.fer_data()
+  common.write_data_report(FLAGS.workdir, data_report)
   results = train.train_and_evaluate(
-      config, common.fer_data(), FLAGS.workdir, show_progress=FLAGS.progress,
+      config, data, FLAGS.workdir, show_progress=FLAGS.progress,
       stop_after_epoch=FLAGS.stop_after_epoch,
   )
   print(common.format_results(results, keys=('accuracy', 'macro_f1', 'weighted_f1', 'loss')))

@@ -175,6 +175,55 @@ class LatestTest(TempDirTest):
       ckpts.restore_latest(checkpoints.abstract_like(state_tree(_trained_state())))
 
 
+  def test_saving_an_epoch_not_after_the_saved_one_raises(self):
+    # Orbax skips such a save silently; a fresh run in an old run's folder
+    # would then keep reporting the old run's best epoch as its own.
+    ckpts = self.run_checkpoints(self.root)
+    ckpts.save_best(4, fake_variables(seed=4), {'epoch': 4})
+    ckpts.save_latest(4, state_tree(_trained_state()), {'epoch': 4})
+    ckpts.wait()
+    for save in (
+        lambda: ckpts.save_best(2, fake_variables(seed=2), {'epoch': 2}),
+        lambda: ckpts.save_latest(2, state_tree(_trained_state()), {'epoch': 2}),
+    ):
+      with self.assertRaisesRegex(checkpoints.CheckpointError, 'holds epoch 4'):
+        save()
+    self.assertEqual(ckpts.best_epoch(), 4)
+
+  @parameterized.named_parameters(
+      ('array_data', 'variables', 'best'),
+      ('metadata_json', 'meta', 'best'),
+      ('progress_json', 'progress', 'latest'),
+  )
+  def test_damaged_checkpoint_raises_naming_it(self, item, which):
+    ckpts = self.run_checkpoints(self.root)
+    ckpts.save_best(1, fake_variables(), {'model': _model_json(SMALL)})
+    ckpts.save_latest(1, state_tree(_trained_state()), {'epoch': 1})
+    ckpts.wait()
+    folder = self.root / which / '1' / item
+    files = sorted(p for p in folder.rglob('*') if p.is_file())
+    # Remove the data (not just the index) so every reader has to fail.
+    for f in files if item != 'variables' else [max(files, key=os.path.getsize)]:
+      f.unlink()
+    reads = {
+        'best': (
+            lambda: checkpoints.load_meta(self.root),
+            lambda: checkpoints.load_variables(
+                self.root, lambda _: fakes.abstract_variables(SMALL)
+            ),
+        ),
+        'latest': (self.run_checkpoints(self.root).latest_progress,),
+    }[which]
+    failed = 0
+    for read in reads:
+      try:
+        read()
+      except checkpoints.CheckpointError as e:
+        failed += 1
+        self.assertIn(str(self.root / which), str(e))
+    self.assertGreater(failed, 0)
+
+
 def _other_classes(saved):
   other = dataclasses.replace(SMALL, num_classes=6)
   return {**saved, **fakes.abstract_variables(other)}

@@ -8,6 +8,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -49,3 +50,118 @@ class TrainConfigTest(parameterized.TestCase):
 
 if __name__ == '__main__':
   absltest.main()
+
+
+def _write_data_report(task: str, workdir: str, *flag_sets: list[str]) -> list[str]:
+  """Runs common.<task>_data + write_data_report once per flag set, in order.
+
+  Returns 'ok' or the UsageError's message for each.
+  """
+  script = """
+import json, sys
+from absl import app, flags
+from experiments import common
+task, workdir, flag_sets = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+results = []
+for extra in flag_sets:
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(['prog', '--data=synthetic', '--synthetic_train=32', '--synthetic_eval=16',
+               '--workdir=' + workdir, *extra])
+  _, report = getattr(common, task + '_data')()
+  try:
+    common.write_data_report(workdir, report)
+    results.append('ok')
+  except app.UsageError as e:
+    results.append(str(e))
+print(json.dumps(results))
+"""
+  result = subprocess.run(
+      [sys.executable, '-c', script, task, workdir, json.dumps(flag_sets)],
+      cwd=_ROOT, capture_output=True, text=True, check=False,
+  )
+  if result.returncode:
+    raise AssertionError(f'{task}_data failed:\n{result.stderr[-2000:]}')
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class DataReportTest(parameterized.TestCase):
+
+  @parameterized.product(
+      task=('fer', 'age'),
+      change=(
+          (['--split_seed=1'], 'split_seed'),
+          (['--synthetic_train=48'], 'synthetic'),
+          (['--max_train_examples=8'], 'train_truncated_to'),
+      ),
+  )
+  def test_resuming_on_other_faces_is_refused(self, task, change):
+    flags, key = change
+    with self.subTest('same flags'), tempfile.TemporaryDirectory() as tmp:
+      self.assertEqual(_write_data_report(task, tmp, [], []), ['ok', 'ok'])
+    with tempfile.TemporaryDirectory() as tmp:
+      first, second = _write_data_report(task, tmp, [], flags)
+    self.assertEqual(first, 'ok')
+    self.assertRegex(second, rf'records other inputs \(.*{key}.*differ\)')
+
+
+_CAP_SCRIPT = """
+import json
+import numpy as np
+from absl import flags
+from experiments import common
+flags.FLAGS(['prog', '--data=synthetic', '--synthetic_train=400', '--synthetic_eval=16',
+             '--labels=ranges11', '--class_cap=5'])
+data, _ = common.age_data()
+print(json.dumps(np.bincount(data['train']['label'], minlength=11).tolist()))
+"""
+
+
+class ClassCapTest(absltest.TestCase):
+
+  def test_cap_applies_per_range_with_ranges11(self):
+    result = subprocess.run(
+        [sys.executable, '-c', _CAP_SCRIPT], cwd=_ROOT, capture_output=True, text=True,
+        check=False,
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    self.assertLessEqual(max(counts), 5)
+    self.assertEqual(max(counts), 5)  # some range had more than the cap
+
+
+_STAGES_SCRIPT = """
+import json, sys
+from absl import flags
+from experiments import common
+try:
+  stages = common.parse_stages([sys.argv[1]])
+  print(json.dumps([stages[0].epochs, stages[0].learning_rate, stages[0].freeze]))
+except flags.ValidationError as e:
+  print(json.dumps(['ValidationError', str(e)]))
+"""
+
+
+class ParseStagesTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('preset', 's:10:1e-4:paper', [10, 1e-4, 'paper']),
+      ('unknown_preset_stays_a_name', 's:10:1e-4:papr', [10, 1e-4, 'papr']),
+      ('one_regex_without_slash', 's:1:0.1:logits.*', [1, 0.1, ['logits.*']]),
+      ('alternation_inside_a_group', 's:1:0.1:block1/.*|block2/(conv1|bn1)/.*',
+       [1, 0.1, ['block1/.*', 'block2/(conv1|bn1)/.*']]),
+      ('colon_and_class', 's:1:0.1:(?:head)/.*|[|]x', [1, 0.1, ['(?:head)/.*', '[|]x']]),
+      ('bad_epochs', 's:five:0.1:paper', ['ValidationError', "'s:five:0.1:paper': epochs must"]),
+      ('three_fields', 's:1:0.1', ['ValidationError', 'is not name:epochs:learning_rate:freeze']),
+  )
+  def test_parse(self, spec, want):
+    result = subprocess.run(
+        [sys.executable, '-c', _STAGES_SCRIPT, spec], cwd=_ROOT, capture_output=True,
+        text=True, check=False,
+    )
+    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    if want[0] == 'ValidationError':
+      self.assertEqual(got[0], 'ValidationError')
+      self.assertIn(want[1], got[1])
+    else:
+      self.assertEqual(got, want)

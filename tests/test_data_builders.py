@@ -232,6 +232,9 @@ class Fer2013BuilderTest(_TmpDirTest):
       ('empty_folder', 'folder', r'No FER2013 images found in'),
       ('truncated_zip', 'zip', r'fer2013\.zip is truncated or not a valid zip'),
       ('unknown_emotion', 'emotion', r"Unexpected file 'train/joy/Training_1.jpg'"),
+      ('train_only', 'train_only',
+       r'no usable faces for split\(s\) validation \(PublicTest_\*\), test \(PrivateTest_\*\)'),
+      ('csv_without_private_test', 'csv_no_test', r'fer2013\.csv has no usable faces for split\(s\) test'),
   )
   def test_bad_input_raises(self, layout, message):
     if layout == 'columns':
@@ -246,6 +249,14 @@ class Fer2013BuilderTest(_TmpDirTest):
         archive.writestr('train/happy/Training_1.jpg', _jpeg(0, size=48, mode='L'))
       with open(os.path.join(self.manual, fer2013.ZIP_FILE), 'wb') as f:
         f.write(buf.getvalue()[:-30])
+    elif layout == 'train_only':
+      os.makedirs(os.path.join(self.manual, 'train', 'happy'))
+      for i in range(3):
+        with open(os.path.join(self.manual, 'train', 'happy', f'Training_{i}.jpg'), 'wb') as f:
+          f.write(_jpeg(i, size=48, mode='L'))
+    elif layout == 'csv_no_test':
+      _write_csv(os.path.join(self.manual, fer2013.CSV_FILE),
+                 [r for r in _fer_rows() if r['Usage'] != 'PrivateTest'])
     elif layout == 'emotion':
       os.makedirs(os.path.join(self.manual, 'train', 'joy'))
       with open(os.path.join(self.manual, 'train', 'joy', 'Training_1.jpg'), 'wb') as f:

@@ -88,11 +88,11 @@ class DataParallelTest(parameterized.TestCase):
 _HOST_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
+    from agejax import parallel
     process, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     if port != 'none':
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-      jax.distributed.initialize(
-          coordinator_address=f'localhost:{port}', num_processes=2, process_id=process)
+      parallel.initialize_distributed(f'localhost:{port}', 2, process)
     from agejax import config, synthetic, train
     model = config.ModelConfig(
         num_classes=100, conv_filters=((4, 4), (8, 8), (8, 8)),

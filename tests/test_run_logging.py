@@ -35,7 +35,16 @@ class WriteRunRecordTest(parameterized.TestCase):
   def test_same_inputs_rewrite(self, second):
     with tempfile.TemporaryDirectory() as tmp:
       path = self._write_twice(tmp, second)
-      self.assertEqual(json.loads(path.read_text()), second)
+      self.assertEqual(json.loads(path.read_text()), {**second, 'truncated_to': None})
+
+  def test_inputs_an_older_record_lacks_are_not_compared(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      path = pathlib.Path(tmp) / 'data_report.json'
+      path.write_text(json.dumps(_RECORD))  # written before 'truncated_to' existed
+      run_logging.write_run_record(path, {**_RECORD, 'truncated_to': 256}, _IDENTITY)
+      self.assertEqual(json.loads(path.read_text())['truncated_to'], 256)
+      with self.assertRaisesRegex(ValueError, r'\(truncated_to differ\)'):
+        run_logging.write_run_record(path, _RECORD, _IDENTITY)
 
   @parameterized.named_parameters(
       ('nested', {**_RECORD, 'split': {**_RECORD['split'], 'seed': 1}}, 'split'),

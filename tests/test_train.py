@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 import tempfile
 
 from absl.testing import absltest
@@ -142,6 +143,8 @@ class TrainAndEvaluateTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ('nominal_scores', {'step': config.StepConfig(ordinal=False)}, False),
       ('history', {'history_metrics': ('loss', 'accuracy')}, True),
+      ('eval_batch_size', {'eval_batch_size': 8}, True),
+      ('epoch_mode', {'epoch_mode': 'scan'}, True),
   )
   def test_report_only_changes_resume_and_reevaluate(self, overrides, has_mae):
     data = _data()
@@ -178,6 +181,21 @@ class TrainAndEvaluateTest(parameterized.TestCase):
         train.train_and_evaluate(
             _config(seed=1), data, tmp, log=lambda _: None, show_progress=False
         )
+
+  def test_fresh_run_beside_an_old_best_checkpoint_raises(self):
+    # With the latest checkpoint gone the old best cannot be resumed, and a
+    # new run could never save a best epoch below it.
+    data = _data()
+    with tempfile.TemporaryDirectory() as tmp:
+      train.train_and_evaluate(
+          _config(), data, tmp, log=lambda _: None, show_progress=False
+      )
+      shutil.rmtree(pathlib.Path(tmp) / 'checkpoints' / checkpoints.LATEST)
+      with self.assertRaisesRegex(checkpoints.CheckpointError, 'latest checkpoint is gone'):
+        train.train_and_evaluate(
+            _config(seed=1), data, tmp, log=lambda _: None, show_progress=False
+        )
+      self.assertTrue((pathlib.Path(tmp) / 'checkpoints' / checkpoints.BEST).is_dir())
 
   def test_transfer_from_a_checkpoint_reports_and_trains(self):
     fer_model = config.ModelConfig(

@@ -141,6 +141,20 @@ def _read_csv(path: str, report: dict) -> dict[str, list]:
   return examples
 
 
+def _check_no_split_empty(source: str, report: dict) -> None:
+  """Raises DataError naming the splits of `source` with no usable face."""
+  usage = {split: u for u, split in USAGE_TO_SPLIT.items()}
+  empty = [split for split, n in report['read'].items() if n == 0]
+  if empty:
+    wanted = ', '.join(f'{split} ({usage[split]}_*)' for split in empty)
+    raise DataError(
+        f'{source} has no usable faces for split(s) {wanted}: an incomplete copy of '
+        'FER2013? The image folders need train/<emotion>/Training_*.jpg and '
+        'test/<emotion>/{PublicTest,PrivateTest}_*.jpg; the CSV needs rows of every Usage. '
+        f'{len(report["corrupt"])} unreadable entries were skipped.'
+    )
+
+
 class Fer2013(tfds.core.GeneratorBasedBuilder):
   """FER2013 48x48 grayscale faces labelled with the 7 original emotion codes."""
 
@@ -178,6 +192,7 @@ class Fer2013(tfds.core.GeneratorBasedBuilder):
     else:
       examples = _read_images(source, report, self._num_workers)
     report['read'] = {split: len(examples[split]) for split in SPLITS}
+    _check_no_split_empty(source, report)
     self.info.metadata.update(report)
     return {split: self._generate_examples(examples[split]) for split in SPLITS}
 
