@@ -21,7 +21,8 @@ choices and for the training-speed ceiling, so they live here, runnable:
       forward instead of written out, without Winograd's forward, backward or both,
       with the forward on YNNPACK (no Winograd, no Eigen padding), with
       YNNPACK off for the step, with Winograd's 16 tiles stacked at once
-      instead of as four stacks of four.
+      instead of as four stacks of four, with Winograd for float32 only
+      (add ``--dtype=bfloat16`` to train in bfloat16).
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
       CPU time spent in the kernel, minor page faults per step and the
@@ -76,6 +77,9 @@ _BATCH_SIZE = flags.DEFINE_integer(
     'batch_size', 64, 'Batch size for --what=layers and --what=profile.'
 )
 _TOP = flags.DEFINE_integer('top', 30, 'Rows of each --what=profile table.')
+_DTYPE = flags.DEFINE_enum(
+    'dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtype for --what=train.'
+)
 _BATCH_SIZES = flags.DEFINE_list(
     'batch_sizes', ['64', '128', '256', '512'], 'Batch sizes for --what=eval and --what=train.'
 )
@@ -161,9 +165,9 @@ def _batch(batch_size: int, rng: np.random.Generator) -> dict[str, jax.Array]:
   })
 
 
-def _state(conv_impl: str = 'auto') -> steps.TrainState:
+def _state(conv_impl: str = 'auto', dtype: str = 'float32') -> steps.TrainState:
   """A fresh train state of the study's age network."""
-  model_config = config_lib.ModelConfig(conv_impl=conv_impl)
+  model_config = config_lib.ModelConfig(conv_impl=conv_impl, dtype=dtype)
   stage = config_lib.StageConfig(name='bench', epochs=1, learning_rate=1e-3)
   variables = steps.init_variables(jax.random.PRNGKey(0), model_config.build(), (48, 48, 1))
   return steps.create_train_state(model_config, stage, variables)
@@ -224,12 +228,14 @@ _TRAIN_VARIANTS = {
         None,
     ),
     'YNNPACK off': ({}, {'xla_cpu_experimental_ynn_fusion_type': ''}),
+    # Only differs from 'shipped' under --dtype=bfloat16.
+    'Winograd float32 only': ({'_WINOGRAD_DTYPES': (jnp.float32,)}, None),
 }
 
 
 def _train(batch_sizes: Sequence[int], repeats: int) -> None:
   names = list(_TRAIN_VARIANTS)
-  print(f'images/s, steps.train_step, median of {repeats} interleaved')
+  print(f'images/s, steps.train_step ({_DTYPE.value}), median of {repeats} interleaved')
   print('| batch | ' + ' | '.join(names) + ' |\n' + '|---' * (len(names) + 1) + '|')
   rng = np.random.default_rng(0)
   key = jax.random.PRNGKey(1)
@@ -237,7 +243,7 @@ def _train(batch_sizes: Sequence[int], repeats: int) -> None:
     batch = _batch(batch_size, rng)
     runs = {}
     for name, (thresholds, compiler_options) in _TRAIN_VARIANTS.items():
-      state = [_state()]
+      state = [_state(dtype=_DTYPE.value)]
       patch = mock.patch.multiple(conv, **thresholds) if thresholds else contextlib.nullcontext()
       with patch:
         compiled = steps.train_step.lower(state[0], batch, key).compile(compiler_options)
