@@ -17,7 +17,6 @@ an interrupted save never replaces a good checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 from typing import Any, Callable
 
@@ -86,11 +85,12 @@ class RunCheckpoints:
     step = self._latest.latest_step()
     if step is None:
       return None
-    where = self.directory / LATEST
-    with _unreadable_as_checkpoint_error(where, step):
+    try:
       return self._latest.restore(
           step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
       )['progress']
+    except Exception as e:  # Orbax and TensorStore raise many types here.
+      raise _unreadable(self.directory / LATEST, step, e) from e
 
   def restore_latest(self, abstract_state: Any) -> Any:
     """Restores the latest train state into ``abstract_state``'s structure."""
@@ -123,19 +123,13 @@ def _check_saved(
     )
 
 
-@contextlib.contextmanager
-def _unreadable_as_checkpoint_error(where: pathlib.Path, step: int):
-  """Turns a failure to read checkpoint files into a `CheckpointError`."""
-  try:
-    yield
-  except CheckpointError:
-    raise
-  except Exception as e:  # Orbax and TensorStore raise many types here.
-    raise CheckpointError(
-        f'Checkpoint {where}/{step} could not be read ({type(e).__name__}: {e}).'
-        ' It is incomplete or damaged: move it aside (a run then starts from'
-        ' its previous checkpoint, or afresh), or choose a new run directory.'
-    ) from e
+def _unreadable(where: pathlib.Path, step: int, e: Exception) -> CheckpointError:
+  """The error for checkpoint files that Orbax or TensorStore failed to read."""
+  return CheckpointError(
+      f'Checkpoint {where}/{step} could not be read ({type(e).__name__}: {e}):'
+      ' it is incomplete or damaged. Rerun the training that wrote it, in a new'
+      f' run directory or after moving {where.parent} aside.'
+  )
 
 
 def _restore(
@@ -146,19 +140,18 @@ def _restore(
     where: pathlib.Path,
 ) -> Any:
   try:
-    with _unreadable_as_checkpoint_error(where, step):
-      restored = manager.restore(
-          step,
-          args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}),
-      )
-  except CheckpointError as e:
-    if not isinstance(e.__cause__, (ValueError, KeyError, TypeError)):
-      raise
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}),
+    )
+  except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(
         f'Checkpoint {where}/{step} does not fit the model being restored'
-        f' into: {e.__cause__}. Use a checkpoint written with the same model'
-        ' config, or a fresh run directory.'
-    ) from e.__cause__
+        f' into: {e}. Use a checkpoint written with the same model config, or'
+        ' a fresh run directory.'
+    ) from e
+  except Exception as e:  # Orbax and TensorStore raise many types here.
+    raise _unreadable(where, step, e) from e
   restored = restored[item]
   wrong = [
       f'{jax.tree_util.keystr(path)}: {np.shape(got)} {jax.numpy.result_type(got)}'
@@ -200,10 +193,11 @@ def load_meta(path: str | pathlib.Path) -> dict[str, Any]:
   manager = _manager(directory, ('variables', 'meta'))
   step = manager.best_step() or manager.latest_step()
   try:
-    with _unreadable_as_checkpoint_error(directory, step):
-      return manager.restore(
-          step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-      )['meta']
+    return manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+    )['meta']
+  except Exception as e:  # Orbax and TensorStore raise many types here.
+    raise _unreadable(directory, step, e) from e
   finally:
     manager.close()
 
