@@ -173,10 +173,11 @@ def train_and_evaluate(
         f' same flags, or choose a new --workdir. Saved: {workdir / "config.json"}.'
     )
 
-  if progress is None and ckpts.best_epoch() is not None:
+  orphan_best = ckpts.best_epoch() if progress is None else None
+  if orphan_best is not None:
     raise checkpoints.CheckpointError(
         f'{workdir / "checkpoints" / checkpoints.BEST} holds the best epoch'
-        f' ({ckpts.best_epoch()}) of a run whose latest checkpoint is gone, so'
+        f' ({orphan_best}) of a run whose latest checkpoint is gone, so'
         ' this run cannot resume it and would report it as its own. Move'
         f' {workdir / "checkpoints"} aside to start over, or choose a new'
         ' --workdir.'

@@ -217,12 +217,9 @@ def _truncate(splits: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, n
   return {**splits, 'train': train}
 
 
-def _synthetic_report() -> dict[str, Any]:
-  """The flags that decide which synthetic faces a run gets."""
-  return {
-      'synthetic': {'train': FLAGS.synthetic_train, 'eval': FLAGS.synthetic_eval},
-      'split_seed': FLAGS.split_seed,
-  }
+def _synthetic_sizes() -> dict[str, int]:
+  """How many synthetic faces a run gets, for its data report."""
+  return {'train': FLAGS.synthetic_train, 'eval': FLAGS.synthetic_eval}
 
 
 def fer_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
@@ -232,14 +229,15 @@ def fer_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     splits = synthetic.make_fer_splits(
         FLAGS.split_seed, FLAGS.synthetic_train, FLAGS.synthetic_eval, FLAGS.synthetic_eval
     )
-    report.update(_synthetic_report())
+    report['synthetic'] = _synthetic_sizes()
   else:
     splits = fer2013.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
     report['manual_dir'] = FLAGS.manual_dir
   splits = _truncate(splits)
   if FLAGS.max_train_examples:
     report['train_truncated_to'] = len(splits['train']['label'])
-    report['split_seed'] = FLAGS.split_seed
+  if FLAGS.data == 'synthetic' or FLAGS.max_train_examples:
+    report['split_seed'] = FLAGS.split_seed  # FER2013's own splits need none
   return splits, report
 
 
@@ -247,7 +245,7 @@ def age_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
   """Age splits as the flags select, with labels, balancing and a report."""
   report: dict[str, Any] = {'data': FLAGS.data, 'split_seed': FLAGS.split_seed}
   if FLAGS.data == 'synthetic':
-    report.update(_synthetic_report())
+    report['synthetic'] = _synthetic_sizes()
     splits = synthetic.make_age_splits(
         FLAGS.split_seed, FLAGS.synthetic_train, FLAGS.synthetic_eval, FLAGS.synthetic_eval
     )

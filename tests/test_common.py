@@ -1,4 +1,4 @@
-"""Tests of experiments.common: the configs the study's flagfiles build.
+"""Tests of experiments.common: configs, stages and data as the flags build them.
 
 Each case runs in a subprocess: experiments.common and experiments.run_study
 both define absl flags such as --schedule, so they cannot share a process.
@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -25,15 +26,20 @@ print(json.dumps([config.step.ordinal, config.model.num_classes, config.step.cla
 """
 
 
-def _train_config(task: str, args: list[str], num_classes: int) -> list:
-  """[step.ordinal, model.num_classes, has class_values] of common.train_config."""
+def _run_script(script: str, *args: str) -> Any:
+  """The JSON that ``script`` prints last, run with ``args`` in a fresh Python."""
   result = subprocess.run(
-      [sys.executable, '-c', _SCRIPT, task, json.dumps(args), str(num_classes)],
+      [sys.executable, '-c', script, *args],
       cwd=_ROOT, capture_output=True, text=True, check=False,
   )
   if result.returncode:
-    raise AssertionError(f'train_config({task!r}) failed for {args}:\n{result.stderr[-2000:]}')
+    raise AssertionError(f'Script failed for {args}:\n{result.stderr[-2000:]}')
   return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _train_config(task: str, args: list[str], num_classes: int) -> list:
+  """[step.ordinal, model.num_classes, has class_values] of common.train_config."""
+  return _run_script(_SCRIPT, task, json.dumps(args), str(num_classes))
 
 
 class TrainConfigTest(parameterized.TestCase):
@@ -52,12 +58,7 @@ if __name__ == '__main__':
   absltest.main()
 
 
-def _write_data_report(task: str, workdir: str, *flag_sets: list[str]) -> list[str]:
-  """Runs common.<task>_data + write_data_report once per flag set, in order.
-
-  Returns 'ok' or the UsageError's message for each.
-  """
-  script = """
+_DATA_REPORT_SCRIPT = """
 import json, sys
 from absl import app, flags
 from experiments import common
@@ -75,13 +76,14 @@ for extra in flag_sets:
     results.append(str(e))
 print(json.dumps(results))
 """
-  result = subprocess.run(
-      [sys.executable, '-c', script, task, workdir, json.dumps(flag_sets)],
-      cwd=_ROOT, capture_output=True, text=True, check=False,
-  )
-  if result.returncode:
-    raise AssertionError(f'{task}_data failed:\n{result.stderr[-2000:]}')
-  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _write_data_report(task: str, workdir: str, *flag_sets: list[str]) -> list[str]:
+  """Runs common.<task>_data + write_data_report once per flag set, in order.
+
+  Returns 'ok' or the UsageError's message for each.
+  """
+  return _run_script(_DATA_REPORT_SCRIPT, task, workdir, json.dumps(flag_sets))
 
 
 class DataReportTest(parameterized.TestCase):
@@ -119,12 +121,7 @@ print(json.dumps(np.bincount(data['train']['label'], minlength=11).tolist()))
 class ClassCapTest(absltest.TestCase):
 
   def test_cap_applies_per_range_with_ranges11(self):
-    result = subprocess.run(
-        [sys.executable, '-c', _CAP_SCRIPT], cwd=_ROOT, capture_output=True, text=True,
-        check=False,
-    )
-    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    counts = _run_script(_CAP_SCRIPT)
     self.assertLessEqual(max(counts), 5)
     self.assertEqual(max(counts), 5)  # some range had more than the cap
 
@@ -154,12 +151,7 @@ class ParseStagesTest(parameterized.TestCase):
       ('three_fields', 's:1:0.1', ['ValidationError', 'is not name:epochs:learning_rate:freeze']),
   )
   def test_parse(self, spec, want):
-    result = subprocess.run(
-        [sys.executable, '-c', _STAGES_SCRIPT, spec], cwd=_ROOT, capture_output=True,
-        text=True, check=False,
-    )
-    self.assertEqual(result.returncode, 0, result.stderr[-2000:])
-    got = json.loads(result.stdout.strip().splitlines()[-1])
+    got = _run_script(_STAGES_SCRIPT, spec)
     if want[0] == 'ValidationError':
       self.assertEqual(got[0], 'ValidationError')
       self.assertIn(want[1], got[1])
