@@ -28,6 +28,7 @@ from agejax.data import balance
 from agejax.data import fer2013
 from agejax.data import splits as splits_lib
 from agejax.data import utk_face
+from experiments import regex_lists
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = os.environ.get('AGEJAX_DATA_DIR', str(REPO_ROOT.parent / 'shared' / 'data'))
@@ -82,11 +83,12 @@ flags.DEFINE_enum('conv_impl', 'auto', ['auto', 'lax', 'matmul'], 'Convolution i
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtype.')
 
 # Training.
-flags.DEFINE_list(
+regex_lists.define_regex_list(
     'stages', None,
     'Stages as name:epochs:learning_rate:freeze, freeze a preset of'
     ' agejax.freezing.PRESETS or parameter-path regexes (e.g. block1/.*) joined by'
-    ' "|" at the top level; a regex may hold ":" and "|" in groups, not ",".',
+    ' "|" at the top level; a regex may hold ":", and "|" or "," inside groups,'
+    r' classes and braces (e.g. block\d{1,2}/.*).',
 )
 flags.DEFINE_enum(
     'schedule', 'paper', ['paper', 'short'],
@@ -101,38 +103,14 @@ flags.DEFINE_enum('epoch_mode', 'auto', ['auto', 'scan', 'loop'], 'One compiled 
 flags.DEFINE_string('select_metric', 'accuracy', 'Validation score that picks the best checkpoint.')
 flags.DEFINE_enum('select_mode', 'max', ['max', 'min'], 'Whether --select_metric is better high or low.')
 flags.DEFINE_string('init_from', None, 'Run directory of a FER (or other) checkpoint to transfer from.')
-flags.DEFINE_list(
+regex_lists.define_regex_list(
     'dont_load', [],
     'Parameter-path regexes not copied on transfer, matched against whole paths that'
-    " start with the collection, e.g. 'params/logits/.*' or 'batch_stats/block1/.*'.")
+    " start with the collection, e.g. 'params/logits/.*' or 'batch_stats/block1/.*';"
+    ' a "," inside groups, classes and braces stays part of its regex.')
 
 FLAGS = flags.FLAGS
 
-
-
-def _split_top_level(pattern: str) -> tuple[str, ...]:
-  """Splits a regex at the ``|`` outside groups and classes: ``a|b(c|d)`` -> a, b(c|d)."""
-  parts, current, depth, in_class, escaped = [], [], 0, False, False
-  for ch in pattern:
-    if escaped:
-      escaped = False
-    elif ch == '\\':
-      escaped = True
-    elif in_class:
-      in_class = ch != ']'
-    elif ch == '[':
-      in_class = True
-    elif ch == '(':
-      depth += 1
-    elif ch == ')':
-      depth -= 1
-    elif ch == '|' and depth == 0:
-      parts.append(''.join(current))
-      current = []
-      continue
-    current.append(ch)
-  parts.append(''.join(current))
-  return tuple(parts)
 
 
 def parse_stages(specs: list[str], schedule: str = 'paper') -> tuple[config_lib.StageConfig, ...]:
@@ -162,7 +140,7 @@ def parse_stages(specs: list[str], schedule: str = 'paper') -> tuple[config_lib.
             name=name,
             epochs=epochs if schedule == 'paper' else max(1, epochs // 10),
             learning_rate=lr,
-            freeze=freeze if freeze.isidentifier() else _split_top_level(freeze),
+            freeze=freeze if freeze.isidentifier() else regex_lists.split_top_level(freeze, '|'),
         )
     )
   return tuple(stages)

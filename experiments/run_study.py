@@ -27,6 +27,7 @@ from absl import app
 from absl import flags
 
 from agejax.data import splits as splits_lib
+from experiments import regex_lists
 
 EXPERIMENTS = (
     'baseline', 'freeze_last_block', 'freeze_paper', 'fc1', 'fc2', 'ranges11',
@@ -40,7 +41,9 @@ flags.DEFINE_enum('schedule', 'short', ['short', 'paper'], 'See experiments.comm
 flags.DEFINE_enum(
     'fer_schedule', None, ['short', 'paper'], 'Schedule of the FER pretraining (default: --schedule).'
 )
-flags.DEFINE_list('fer_stages', [], "FER stages, name:epochs:lr:freeze (default: fer.cfg's).")
+regex_lists.define_regex_list(
+    'fer_stages', [], "FER stages, name:epochs:lr:freeze as --stages (default: fer.cfg's)."
+)
 flags.DEFINE_list('protocols', list(splits_lib.PROTOCOLS), 'UTKFace split protocols to run.')
 flags.DEFINE_list('experiments', list(EXPERIMENTS), 'Experiments run on the dedup and paper protocols.')
 flags.DEFINE_list('leaky_experiments', ['fc1'], 'Experiments run on the leaky protocol.')

@@ -147,6 +147,7 @@ class ParseStagesTest(parameterized.TestCase):
       ('alternation_inside_a_group', 's:1:0.1:block1/.*|block2/(conv1|bn1)/.*',
        [1, 0.1, ['block1/.*', 'block2/(conv1|bn1)/.*']]),
       ('colon_and_class', 's:1:0.1:(?:head)/.*|[|]x', [1, 0.1, ['(?:head)/.*', '[|]x']]),
+      ('quantifier', r's:1:0.1:block\d{1,2}/.*|logits/.*', [1, 0.1, [r'block\d{1,2}/.*', 'logits/.*']]),
       ('bad_epochs', 's:five:0.1:paper', ['ValidationError', "'s:five:0.1:paper': epochs must"]),
       ('three_fields', 's:1:0.1', ['ValidationError', 'is not name:epochs:learning_rate:freeze']),
   )
