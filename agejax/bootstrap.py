@@ -132,8 +132,8 @@ def mean_interval(
 
 
 def _check_num_samples(num_samples: int) -> None:
-  if num_samples < 1:
-    raise ValueError(f'num_samples must be >= 1, got {num_samples}.')
+  if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+    raise ValueError(f'num_samples must be an int >= 1, got {num_samples!r}.')
 
 
 def _check_level(level: float) -> None:

@@ -1,8 +1,11 @@
 """Evaluating a train state on a whole dataset, exactly.
 
 `eval_step` sums are accumulated on device over fixed-shape, padded and masked
-batches; every score is then derived from the totals (see `agejax.metrics`),
-so the result does not depend on the batch size.
+batches; every score is then derived from the totals (see `agejax.metrics`).
+Scores from counts (accuracy, CS@k, precision, recall, F1, the confusion
+matrix) therefore do not depend on the batch size at all; those from float
+sums (loss, the MAEs) only to float32 rounding, the order of the additions
+changing with the batch size.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from agejax import steps
 CS_CURVE_KS = tuple(range(11))
 TOLERANCE_K = 3
 # Scores that read class indices as ordered values (see StepConfig.ordinal).
-_ORDINAL_PREFIXES = ('mae', 'cs@', f'tol{TOLERANCE_K}_')
+_TOLERANCE_PREFIX = f'tol{TOLERANCE_K}_'
+_ORDINAL_PREFIXES = ('mae', 'cs@', _TOLERANCE_PREFIX)
 
 
 def _sharded_batches(
@@ -60,13 +64,16 @@ def summarize(
 ) -> dict[str, Any]:
   """All scores of accumulated eval sums, as plain Python values.
 
-  Keys: ``loss``; ``accuracy``; ``cs@k`` for k = 0..10 (in classes: years for
+  Keys: ``loss`` (plain cross-entropy, see `agejax.steps.eval_step`); ``accuracy``; ``cs@k`` for k = 0..10 (in classes: years for
   age classes); ``mae`` (argmax decoding, years), ``mae_expected`` (DEX) and
   ``mae_median``; ``{macro,weighted}_{precision,recall,f1}`` over the classes
   present in labels or predictions; the same with prefix ``tol3_`` for the
   study's tolerance-adjusted metrics; and ``per_class`` precision, recall,
   F1 and support lists. When ``config.ordinal`` is False, the MAE, ``cs@k``
-  and ``tol3_`` keys are left out.
+  and ``tol3_`` keys are left out. With ``config.class_values`` (the 11 age
+  ranges) the ``tol3_`` keys are left out too: the study's tolerance is
+  +-3 years, and +-3 classes would be +-3 ranges (7 of the 11 counted right
+  around 25-34); ``cs@k`` is kept, in ranges.
   """
   cm = np.asarray(totals['confusion'])
   count = float(totals['count'])
@@ -80,6 +87,8 @@ def summarize(
   summary['mae_median'] = float(totals['abs_err_median']) / count
   if not config.ordinal:
     summary = {k: v for k, v in summary.items() if not k.startswith(_ORDINAL_PREFIXES)}
+  elif values is not None:
+    summary = {k: v for k, v in summary.items() if not k.startswith(_TOLERANCE_PREFIX)}
   p, r, f1, support = jax.device_get(metrics.precision_recall_f1_support(cm))
   summary['per_class'] = {
       'precision': p.tolist(),

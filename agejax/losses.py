@@ -32,9 +32,9 @@ def softmax_cross_entropy(
   ``class_weight``: averaging the result over examples divides by the
   number of examples, not by the sum of weights.
 
-  Integer labels outside ``[0, C)`` give an all-zero target and hence a zero
-  loss; this cannot be checked under ``jit``, so callers must pass valid
-  labels (or mask such examples out).
+  Integer labels outside ``[0, C)`` give a zero loss, with or without
+  smoothing; this cannot be checked under ``jit``, so callers must pass
+  valid labels (or mask such examples out).
 
   Args:
     logits: ``[B, C]`` unnormalised scores.
@@ -70,6 +70,8 @@ def softmax_cross_entropy(
 
   smoothed = (1.0 - label_smoothing) * targets + label_smoothing / num_classes
   loss = -jnp.sum(smoothed * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  if labels.ndim == 1:
+    loss = jnp.where((labels >= 0) & (labels < num_classes), loss, 0)
   if class_weights is None:
     return loss
   class_weights = jnp.asarray(class_weights, dtype=logits.dtype)

@@ -85,12 +85,22 @@ def _check_class_values(class_values: jax.Array | None, num_classes: int) -> jax
 
 
 def _check_pair(labels: jax.Array, preds: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``labels`` and ``preds`` checked, unsigned integers widened to int32.
+
+  Differences of unsigned integers wrap around (3 - 5 is 254 in uint8).
+  """
   labels, preds = jnp.asarray(labels), jnp.asarray(preds)
   if labels.ndim != 1:
     raise ValueError(f"labels must have shape [B], got {labels.shape}.")
   if preds.shape != labels.shape:
     raise ValueError(f"preds must have the shape of labels {labels.shape}, got {preds.shape}.")
-  return labels, preds
+  return _signed(labels), _signed(preds)
+
+
+def _signed(x: jax.Array) -> jax.Array:
+  if jnp.issubdtype(x.dtype, jnp.unsignedinteger):
+    return x.astype(jnp.int32)
+  return x
 
 
 def _valid(labels: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -170,8 +180,9 @@ def tolerance_adjust(labels: jax.Array, preds: jax.Array, k: int) -> jax.Array:
     ``[B]`` adjusted predictions.
   """
   k = _check_k(k)
+  dtype = jnp.asarray(preds).dtype
   labels, preds = _check_pair(labels, preds)
-  return jnp.where(jnp.abs(preds - labels) <= k, labels.astype(preds.dtype), preds)
+  return jnp.where(jnp.abs(preds - labels) <= k, labels.astype(preds.dtype), preds).astype(dtype)
 
 
 def tolerance_adjust_confusion(cm: jax.Array, k: int) -> jax.Array:
@@ -322,7 +333,9 @@ def precision_recall_f1_support(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Per-class precision, recall, F1 and support from a confusion matrix.
 
-  Matches ``sklearn.metrics.precision_recall_fscore_support(y_true, y_pred,
+  For labels and predictions in ``[0, C)`` (out-of-range ones are not in
+  ``cm``; sklearn would count them as errors), matches
+  ``sklearn.metrics.precision_recall_fscore_support(y_true, y_pred,
   labels=range(C), average=None, zero_division=zero_division)``: precision
   ``tp / pred_count``, recall ``tp / true_count``, F1 ``2 tp / (true_count +
   pred_count)``, each ``zero_division`` where its denominator is 0.

@@ -59,7 +59,18 @@ flags.DEFINE_integer(
 flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'real'], 'Synthetic faces or the real datasets.')
 flags.DEFINE_string('manual_dir', DEFAULT_DATA_DIR, 'Folder holding UTKFace.tar.gz / fer2013.zip (or extracted).')
 flags.DEFINE_string('tfds_data_dir', None, 'Where TFDS keeps prepared datasets (default ~/tensorflow_datasets).')
-flags.DEFINE_enum('protocol', 'dedup', ['dedup', 'paper', 'leaky'], 'UTKFace split protocol.')
+flags.DEFINE_enum('protocol', 'dedup', list(splits_lib.PROTOCOLS), 'UTKFace split protocol.')
+flags.DEFINE_enum(
+    'near_duplicates', 'keep', list(splits_lib.NEAR_DUPLICATE_POLICIES),
+    "With --protocol=dedup: 'group' also merges the same photo saved differently (re-encoded,"
+    " resized, shifted; docs/DATA.md), so none crosses splits; 'keep' (the published runs')"
+    ' merges byte-identical files only. Every run reports the near-duplicate leaks either way.',
+)
+flags.register_multi_flags_validator(
+    ['near_duplicates', 'protocol'],
+    lambda f: f['near_duplicates'] == 'keep' or f['protocol'] == 'dedup',
+    message="--near_duplicates=group needs --protocol=dedup (paper and leaky keep duplicates on purpose).",
+)
 flags.DEFINE_integer('split_seed', 0, 'Seed of the UTKFace split.')
 flags.DEFINE_enum('labels', 'ages', ['ages', 'ranges11'], '100 age classes or the 11 study ranges.')
 flags.DEFINE_integer('undersample_age', None, "Age whose images are undersampled (the study's 26).")
@@ -200,6 +211,22 @@ def _synthetic_sizes() -> dict[str, int]:
   return {'train': FLAGS.synthetic_train, 'eval': FLAGS.synthetic_eval}
 
 
+def _warn_skipped(dataset: str, load_report: dict[str, Any]) -> None:
+  """Logs the files the prepare step could not use (they are left out of every split)."""
+  corrupt = [c['file'] for c in load_report.get('corrupt', [])]
+  unparseable = list(load_report.get('unparseable_names', []))
+  if corrupt:
+    logging.warning(
+        '%s: %d unreadable file(s) or row(s) left out, e.g. %s; replace them from a fresh'
+        ' download (the full list is under "load" in data_report.json).',
+        dataset, len(corrupt), corrupt[:3])
+  if unparseable:
+    logging.warning(
+        '%s: %d file(s) left out whose names are not age_gender_race_date.jpg.chip.jpg,'
+        ' e.g. %s; rename them to that pattern to use them.',
+        dataset, len(unparseable), unparseable[:3])
+
+
 def fer_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
   """FER splits (train / validation / test) as the flags select, and a report."""
   report: dict[str, Any] = {'data': FLAGS.data}
@@ -211,6 +238,8 @@ def fer_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
   else:
     splits = fer2013.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
     report['manual_dir'] = FLAGS.manual_dir
+    report['load'] = fer2013.prepare_report(FLAGS.tfds_data_dir)
+    _warn_skipped('FER2013', report['load'])
   splits = _truncate(splits)
   if FLAGS.max_train_examples:
     report['train_truncated_to'] = len(splits['train']['label'])
@@ -229,10 +258,15 @@ def age_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     )
   else:
     arrays, load_report = utk_face.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
+    _warn_skipped('UTKFace', load_report)
     splits, split_report = splits_lib.make_splits(
-        arrays, protocol=FLAGS.protocol, seed=FLAGS.split_seed
+        arrays, protocol=FLAGS.protocol, seed=FLAGS.split_seed,
+        near_duplicates=FLAGS.near_duplicates,
     )
-    report.update(load=load_report, split=split_report)
+    report.update(
+        load=load_report, split=split_report,
+        near_duplicate_leaks_from_train=splits_lib.near_duplicate_leaks(splits),
+    )
   splits = _balance(splits, report)
   splits = _truncate(splits)
   if FLAGS.max_train_examples:
@@ -260,7 +294,7 @@ def write_data_report(workdir: str, report: dict[str, Any]) -> None:
     run_logging.write_run_record(pathlib.Path(workdir) / 'data_report.json', report, _DATA_IDENTITY)
   except ValueError as e:
     raise app.UsageError(
-        f'{e} Resume the run with its own data flags (--data, --protocol, --split_seed,'
+        f'{e} Resume the run with its own data flags (--data, --protocol, --near_duplicates, --split_seed,'
         ' --undersample_age/_n, --class_cap, --max_train_examples, --synthetic_train/_eval),'
         ' or choose a new --workdir.'
     ) from e

@@ -20,7 +20,8 @@ from absl import flags
 from agejax import run_logging
 from agejax.data import splits as splits_lib
 from agejax.data import utk_face
-# Defines --manual_dir, --tfds_data_dir, --protocol and --split_seed, as for training.
+# Defines --manual_dir, --tfds_data_dir, --protocol, --near_duplicates and --split_seed, as for
+# training.
 from experiments import common  # pylint: disable=unused-import
 
 _OUT_DIR = flags.DEFINE_string('out_dir', 'outputs/data_report', 'Where to write PNG and JSON.')
@@ -54,7 +55,8 @@ def main(argv):
   del argv
   arrays, prepare_report = utk_face.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
   splits, split_report = splits_lib.make_splits(
-      arrays, protocol=FLAGS.protocol, seed=FLAGS.split_seed, max_age=_MAX_AGE.value)
+      arrays, protocol=FLAGS.protocol, seed=FLAGS.split_seed, max_age=_MAX_AGE.value,
+      near_duplicates=FLAGS.near_duplicates)
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   plot_images_per_age(arrays['age'], _MAX_AGE.value,
                       os.path.join(_OUT_DIR.value, 'figure1_images_per_age.png'))
@@ -63,6 +65,7 @@ def main(argv):
   report = {
       'prepare': prepare_report,
       'splits': split_report,
+      'near_duplicate_leaks_from_train': splits_lib.near_duplicate_leaks(splits),
       'per_split_age_counts': {
           name: np.bincount(s['label'], minlength=_MAX_AGE.value + 1).tolist()
           for name, s in splits.items()},
@@ -70,6 +73,8 @@ def main(argv):
   run_logging.write_json(os.path.join(_OUT_DIR.value, 'data_report.json'), report)
   print(f'Wrote {_OUT_DIR.value}: figures and data_report.json.')
   print(f'Split ({FLAGS.protocol}, seed {FLAGS.split_seed}):', split_report.get('split_counts'))
+  print('Validation/test faces with a near-duplicate in train:',
+        report['near_duplicate_leaks_from_train'])
 
 
 if __name__ == '__main__':

@@ -114,6 +114,7 @@ class ValidationTest(parameterized.TestCase):
       ('floats', np.eye(3, dtype=np.float32), {}, 'non-negative integer'),
       ('empty', np.zeros((3, 3), np.int32), {}, 'empty'),
       ('no_samples', np.eye(3, dtype=np.int32), {'num_samples': 0}, 'num_samples'),
+      ('fractional_samples', np.eye(3, dtype=np.int32), {'num_samples': 2.5}, 'num_samples'),
       ('level_one', np.eye(3, dtype=np.int32), {'level': 1.0}, 'level'),
   )
   def test_raises(self, cm, kwargs, message):

@@ -112,6 +112,7 @@ class UtkFaceBuilderTest(_TmpDirTest):
     self.assertEqual(len(arrays['age']), 5)
     self.assertEqual([c['file'] for c in report['corrupt']],
                      ['50_0_1_20170116174525000.jpg.chip.jpg'])
+    self.assertNotIn(' at 0x', report['corrupt'][0]['error'])  # the same text every prepare
     self.assertEqual(report['ignored_files'], ['notes.txt'])
     os.remove(os.path.join(self.manual, utk_face.ARCHIVE))  # The reuse must not need it.
     again, report_again = utk_face.load(self.manual, data_dir=self.data_dir)
@@ -158,9 +159,14 @@ class UtkFaceBuilderTest(_TmpDirTest):
       ('missing', None, r"expected 'UTKFace.tar.gz' .* or the extracted 'UTKFace'/ folder"),
       ('empty_folder', 'folder', r'No UTKFace images .* found in .*UTKFace'),
       ('not_gzip', 'garbage', r'UTKFace\.tar\.gz is truncated or not a valid'),
+      ('nothing_usable', 'unusable',
+       r"None of the 2 UTKFace images .*\(1 unreadable, 1 with names .*'x_0_0_1\.jpg\.chip\.jpg'"),
   )
   def test_bad_input_raises(self, layout, message):
-    if layout == 'folder':
+    if layout == 'unusable':
+      _write_tar(os.path.join(self.manual, utk_face.ARCHIVE),
+                 {'30_1_2_1.jpg.chip.jpg': b'xx', 'x_0_0_1.jpg.chip.jpg': _jpeg(0)})
+    elif layout == 'folder':
       os.mkdir(os.path.join(self.manual, utk_face.FOLDER))
     elif layout == 'garbage':
       with open(os.path.join(self.manual, utk_face.ARCHIVE), 'wb') as f:
@@ -225,6 +231,16 @@ class Fer2013BuilderTest(_TmpDirTest):
     chex.assert_trees_all_equal(splits['train']['image'][0, ..., 0], decoded)
     report = fer2013.prepare_report(self.data_dir)
     self.assertEqual([c['file'] for c in report['corrupt']], ['test/fear/PrivateTest_6.jpg'])
+
+  def test_zip_is_read_beside_a_partial_folder(self):
+    with zipfile.ZipFile(os.path.join(self.manual, fer2013.ZIP_FILE), 'w') as archive:
+      for i, name in enumerate(('train/happy/Training_1.jpg', 'test/sad/PublicTest_2.jpg',
+                                'test/angry/PrivateTest_3.jpg')):
+        archive.writestr(name, _jpeg(i, size=48, mode='L'))
+    os.makedirs(os.path.join(self.manual, 'test', 'sad'))  # a half-finished extraction
+    splits = fer2013.load(self.manual, data_dir=self.data_dir)
+    self.assertEqual({k: len(v['label']) for k, v in splits.items()},
+                     {'train': 1, 'validation': 1, 'test': 1})
 
   @parameterized.named_parameters(
       ('missing', None, r"expected 'fer2013.csv', the train/ and test/ image folders"),

@@ -93,6 +93,19 @@ class RealUtkFaceTest(parameterized.TestCase):
     self.assertEqual(hashes[0] & hashes[2], set())
     self.assertEqual(hashes[1] & hashes[2], set())
 
+  @parameterized.named_parameters(
+      ('keep', 'keep', {'validation': 126, 'test': 128}, 23113 - 31),
+      ('group', 'group', {'validation': 0, 'test': 0}, 22083 - 28),
+  )
+  def test_near_duplicates_across_splits(self, policy, leaks, total):
+    splits, report = splits_lib.make_splits(
+        self.arrays, protocol='dedup', seed=0, near_duplicates=policy)
+    self.assertEqual(splits_lib.near_duplicate_leaks(splits), leaks)
+    self.assertEqual(sum(report['split_counts'].values()), total)
+    if policy == 'group':
+      self.assertEqual(report['near_duplicate_pairs'], 1093)  # 406 of them byte-identical
+      self.assertEqual(report['conflicting_groups'], 628)
+
   @parameterized.named_parameters(('paper', 'paper', 23676), ('leaky', 'leaky', 2 * 23676))
   def test_undeduplicated_protocols_leak(self, protocol, total):
     _, report = splits_lib.make_splits(self.arrays, protocol=protocol, seed=0)
@@ -118,6 +131,11 @@ class RealFer2013Test(absltest.TestCase):
     self.assertEqual({k: v['image'].shape for k, v in self.splits.items()},
                      {'train': (28709, 48, 48, 1), 'validation': (3589, 48, 48, 1),
                       'test': (3589, 48, 48, 1)})
+
+  def test_near_blank_faces_are_kept(self):
+    blank = {k: int(np.sum(v['image'].reshape(len(v['image']), -1).std(axis=1) < 1))
+             for k, v in self.splits.items()}
+    self.assertEqual(blank, {'train': 12, 'validation': 1, 'test': 0})
 
   def test_per_emotion_counts_in_original_codes(self):
     counts = {k: np.bincount(v['label'], minlength=7) for k, v in self.splits.items()}

@@ -1,7 +1,10 @@
 """Dedup, age filter, split protocols and class balance on small synthetic arrays."""
 
+import io
+
 import chex
 import numpy as np
+from PIL import Image
 from absl.testing import absltest
 from absl.testing import parameterized
 
@@ -29,6 +32,74 @@ def _synthetic(n=600, seed=0):
   ages[n - 30:] = ages[:30]
   ages[n - 10:] = (ages[20:30] + 1) % 100
   return _arrays(ages, hashes)
+
+
+def _face(seed: int) -> np.ndarray:
+  """A smooth random 48x48 gray image, a stand-in for a face."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.uniform(0, 255, (7, 7)).astype(np.float32)
+  image = Image.fromarray(coarse.astype(np.uint8)).resize((48, 48), Image.Resampling.BICUBIC)
+  noise = rng.normal(0, 4, (48, 48))
+  return np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8)
+
+
+def _reencoded(image: np.ndarray, quality: int = 40) -> np.ndarray:
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, 'JPEG', quality=quality)
+  return np.asarray(Image.open(buf))
+
+
+_VARIANTS = {
+    'reencoded': lambda x: _reencoded(x),
+    'resized': lambda x: np.asarray(Image.fromarray(x).resize((40, 40)).resize((48, 48))),
+    'brighter_and_more_contrast': lambda x: np.clip(x * 1.2 + 15, 0, 255).astype(np.uint8),
+    'other_face': lambda x: _face(999),
+    'mirrored': lambda x: x[:, ::-1],
+}
+
+
+class NearDuplicateTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('reencoded', 'reencoded', True),
+      ('resized', 'resized', True),
+      ('brighter_and_more_contrast', 'brighter_and_more_contrast', True),
+      ('other_face', 'other_face', False),
+      ('mirrored', 'mirrored', False),
+  )
+  def test_pairs(self, variant, found):
+    faces = [_face(i) for i in range(5)]
+    images = np.stack(faces + [_VARIANTS[variant](faces[2])])[..., None]
+    pairs = cleaning.near_duplicate_pairs(images)
+    expected = [[2, 5]] if found else []
+    self.assertEqual(pairs.tolist(), expected)
+
+  def test_flat_images_match_nothing(self):
+    images = np.stack([np.full((48, 48), 7), np.full((48, 48), 200), _face(0)]).astype(np.uint8)
+    self.assertEqual(cleaning.near_duplicate_pairs(images[..., None]).tolist(), [])
+
+  def test_rgb64_images(self):
+    face = np.asarray(Image.fromarray(_face(3)).resize((64, 64)))
+    rgb = np.stack([face] * 3, axis=-1)
+    images = np.stack([rgb, np.clip(rgb.astype(int) + 10, 0, 255).astype(np.uint8),
+                       np.stack([np.asarray(Image.fromarray(_face(4)).resize((64, 64)))] * 3, -1)])
+    self.assertEqual(cleaning.near_duplicate_pairs(images).tolist(), [[0, 1]])
+
+  @parameterized.named_parameters(
+      ('hashes_only', ['a', 'b', 'a', 'c', 'd'], None, [[0, 2]]),
+      ('pair_joins_singles', ['a', 'b', 'a', 'c', 'd'], [[1, 3]], [[0, 2], [1, 3]]),
+      ('pair_joins_a_copy', ['a', 'b', 'a', 'c', 'd'], [[2, 4]], [[0, 2, 4]]),
+      ('transitive', ['a', 'b', 'c', 'd', 'e'], [[3, 4], [0, 3]], [[0, 3, 4]]),
+  )
+  def test_groups(self, hashes, pairs, expected):
+    pairs = None if pairs is None else np.array(pairs)
+    groups = cleaning.duplicate_groups(np.array(hashes), pairs)
+    self.assertEqual([g.tolist() for g in groups], expected)
+
+  def test_leaks(self):
+    faces = np.stack([_face(i) for i in range(6)])[..., None]
+    train, test = faces[:4], np.stack([_reencoded(faces[1, ..., 0])[..., None], faces[4], faces[5]])
+    self.assertEqual(cleaning.near_duplicate_leaks(train, {'test': test}), {'test': 1})
 
 
 class DeduplicateTest(parameterized.TestCase):
@@ -97,9 +168,34 @@ class MakeSplitsTest(parameterized.TestCase):
                      2 * (len(data['age']) - report['above_max_age_excluded']))
     self.assertGreater(report['hash_leaks_from_train']['test'], 0)
 
+  @parameterized.named_parameters(('keep', 'keep'), ('group', 'group'))
+  def test_near_duplicates(self, policy):
+    faces = [_face(i) for i in range(200)]
+    ages = list(np.arange(200) % 50)
+    # 40 faces saved again: 20 with the same age, 20 with another one.
+    for i in range(40):
+      faces.append(_reencoded(faces[i]))
+      ages.append(ages[i] if i < 20 else ages[i] + 1)
+    data = _arrays(ages, [f'h{i}' for i in range(240)]) | {'image': np.stack(faces)[..., None]}
+    out, report = splits.make_splits(data, protocol='dedup', seed=1, near_duplicates=policy)
+    leaks = splits.near_duplicate_leaks(out)
+    if policy == 'keep':
+      self.assertNotIn('near_duplicates', report)
+      self.assertEqual(sum(report['split_counts'].values()), 240)
+      self.assertGreater(sum(leaks.values()), 0)
+    else:
+      self.assertEqual(report['near_duplicates'], 'group')
+      self.assertEqual(report['near_duplicate_pairs'], 40)
+      self.assertEqual(report['conflicting_groups'], 20)
+      self.assertEqual(sum(report['split_counts'].values()), 200 - 20)
+      self.assertEqual(leaks, {'validation': 0, 'test': 0})
+
   @parameterized.named_parameters(
       ('protocol', {'protocol': 'kaggle'}, 'protocol must be one of'),
       ('fractions', {'fractions': (0.5, 0.5)}, 'fractions must be'),
+      ('near_policy', {'near_duplicates': 'merge'}, 'near_duplicates must be one of'),
+      ('near_without_dedup', {'protocol': 'paper', 'near_duplicates': 'group'},
+       "only protocol 'dedup' does"),
   )
   def test_bad_arguments_raise(self, kwargs, message):
     with self.assertRaisesRegex(ValueError, message):

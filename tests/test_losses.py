@@ -82,6 +82,24 @@ class SoftmaxCrossEntropyTest(chex.TestCase):
     chex.assert_trees_all_close(fn(logits, soft), expected, rtol=1e-5, atol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ("plain", 0.0, False),
+      ("smoothing", 0.1, False),
+      ("smoothing_and_weights", 0.1, True),
+  )
+  def test_out_of_range_labels_give_zero_loss(self, smoothing, weighted):
+    logits, labels, weights = _data(5)
+    labels[:3] = (-1, _C, _C + 7)
+    fn = self.variant(
+        lambda lg, lb: losses.softmax_cross_entropy(
+            lg, lb, label_smoothing=smoothing, class_weights=weights if weighted else None
+        )
+    )
+    out = fn(logits, labels)
+    chex.assert_trees_all_equal(out[:3], np.zeros(3, np.float32))
+    self.assertTrue(np.all(np.asarray(out[3:]) > 0))
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_gradient_is_softmax_minus_target(self):
     logits, labels, _ = _data(4)
     grad_fn = self.variant(

@@ -118,6 +118,18 @@ class ToleranceAdjustTest(chex.TestCase):
     expected_cm = skm.confusion_matrix(labels, expected, labels=list(range(num_classes)))
     chex.assert_trees_all_close(cm_fn(labels, preds), expected_cm)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_unsigned_inputs_do_not_wrap(self):
+    labels = np.array([5, 3, 0, 9], np.uint8)
+    preds = np.array([3, 5, 4, 9], np.uint8)
+    fn = self.variant(
+        lambda l, p: (metrics.tolerance_adjust(l, p, 2), metrics.cs_counts(l, p, (0, 2, 3)))
+    )
+    adjusted, counts = fn(labels, preds)
+    self.assertEqual(adjusted.dtype, jnp.uint8)
+    chex.assert_trees_all_equal(adjusted, np.array([5, 3, 4, 9], np.uint8))
+    chex.assert_trees_all_equal(counts, np.array([1, 3, 3], np.int32))
+
   @parameterized.named_parameters(("negative", -1), ("float", 1.5), ("bool", True))
   def test_bad_k_raises(self, k):
     labels = np.zeros(3, np.int32)

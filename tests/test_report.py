@@ -137,6 +137,10 @@ class ReportTest(parameterized.TestCase):
   def test_markdown_contains(self, expected):
     self.assertIn(expected, self.md)
 
+  def test_ranges_row_leaves_tol3_blank(self):
+    row = next(line for line in self.md.splitlines() if line.startswith('| ranges11 (11 ranges) |'))
+    self.assertTrue(row.endswith('| 0.679 |  |'), row)  # mF1, then no tol3 wF1
+
   def test_transfer_differences_have_intervals(self):
     interval = r'\(-?\d+\.\d\d to -?\d+\.\d\d\)'
     self.assertRegex(

@@ -258,6 +258,13 @@ class SummarizeTest(parameterized.TestCase):
         summary['accuracy'], np.trace(totals['confusion']) / np.sum(totals['confusion']), places=6
     )
 
+  def test_classes_with_values_have_no_tolerance_scores(self):
+    step_config = config.StepConfig(class_values=(5.0, 15.0, 30.0, 60.0))
+    totals = evaluate.accumulate(_state(), arrays(20, seed=5), config=step_config, batch_size=8)
+    summary = evaluate.summarize(totals, config=step_config)
+    self.assertContainsSubset({'mae', 'mae_expected', 'cs@1', 'macro_f1'}, summary.keys())
+    self.assertEmpty([k for k in summary if k.startswith('tol')])
+
 
 class PredictTest(parameterized.TestCase):
 

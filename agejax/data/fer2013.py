@@ -31,16 +31,26 @@ _FOLDERS = ('train', 'test')
 
 
 def find_source(manual_dir: str) -> str:
-  """The CSV, folder root or zip to read; raises DataError naming what to put where."""
+  """The CSV, folder root or zip to read; raises DataError naming what to put where.
+
+  In that order: the CSV; a folder holding both train/ and test/ (``manual_dir``
+  or its fer2013/); the zip; a folder holding only one of them (its load then
+  fails naming the missing split).
+  """
   csv_path = os.path.join(manual_dir, CSV_FILE)
   if os.path.isfile(csv_path):
     return csv_path
-  for root in (manual_dir, os.path.join(manual_dir, 'fer2013')):
-    if any(os.path.isdir(os.path.join(root, f)) for f in _FOLDERS):
+  roots = (manual_dir, os.path.join(manual_dir, 'fer2013'))
+  for root in roots:
+    if all(os.path.isdir(os.path.join(root, f)) for f in _FOLDERS):
       return root
   zip_path = os.path.join(manual_dir, ZIP_FILE)
   if os.path.isfile(zip_path):
     return zip_path
+  # Only one of the folders: read it, so that the missing split is named.
+  for root in roots:
+    if any(os.path.isdir(os.path.join(root, f)) for f in _FOLDERS):
+      return root
   raise DataError(
       f'FER2013 not found: expected {CSV_FILE!r}, the train/ and test/ image folders, or '
       f'{ZIP_FILE!r} in {os.path.abspath(manual_dir)!r}. Download FER2013 by hand (Kaggle) '

@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import re
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -43,7 +44,9 @@ def _decode_one(name: str, data: bytes, size: int, channels: int) -> Decoded:
   try:
     return Decoded(name, decode_image(data, size=size, channels=channels), md5, None)
   except _DECODE_ERRORS as e:
-    return Decoded(name, None, md5, f'{type(e).__name__}: {e}')
+    # PIL names the in-memory file with its address, which differs every run.
+    message = re.sub(r' at 0x[0-9a-fA-F]+', '', str(e))
+    return Decoded(name, None, md5, f'{type(e).__name__}: {message}')
 
 
 def decode_all(

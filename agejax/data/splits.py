@@ -1,7 +1,8 @@
 """Train/validation/test splits of UTKFace arrays under three protocols.
 
 - 'dedup' (default): duplicates merged first (`cleaning.deduplicate`), then a seeded split
-  stratified by age, so no content hash is in two splits.
+  stratified by age, so no content hash is in two splits. Byte-identical files only, unless
+  ``near_duplicates='group'``: then the same photo saved differently is merged too.
 - 'paper': the study's plain random split of all images; duplicates can leak across splits.
 - 'leaky': every image doubled before a random split, re-creating the Kaggle copy that holds
   each image twice, to measure what such leakage does to the scores.
@@ -16,6 +17,7 @@ from agejax.data import arrays as arrays_lib
 from agejax.data import cleaning
 
 PROTOCOLS = ('dedup', 'paper', 'leaky')
+NEAR_DUPLICATE_POLICIES = ('keep', 'group')
 SPLITS = ('train', 'validation', 'test')
 
 
@@ -71,6 +73,12 @@ def hash_leaks(splits: dict[str, arrays_lib.Arrays]) -> dict[str, int]:
           for name in SPLITS[1:]}
 
 
+def near_duplicate_leaks(splits: dict[str, arrays_lib.Arrays]) -> dict[str, int]:
+  """Rows of validation/test with a near-duplicate face in train (`cleaning.near_duplicate_leaks`)."""
+  return cleaning.near_duplicate_leaks(
+      splits['train']['image'], {name: splits[name]['image'] for name in SPLITS[1:]})
+
+
 def make_splits(
     arrays: arrays_lib.Arrays,
     *,
@@ -79,15 +87,27 @@ def make_splits(
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
     max_age: int = 99,
     conflicts: str = 'drop',
+    near_duplicates: str = 'keep',
 ) -> tuple[dict[str, arrays_lib.Arrays], dict]:
   """Splits UTKFace arrays (from `utk_face.load`) into train/validation/test plus a report.
 
+  ``near_duplicates='group'`` (protocol 'dedup' only) merges near-duplicate faces
+  (`cleaning.near_duplicate_pairs`) with the byte-identical ones before splitting; 'keep'
+  treats them as different faces, as agejax did before it could find them.
+
   The report counts rows read, rows above max_age (read, and excluded after dedup), duplicate
-  and conflicting
-  groups (dedup), rows per split, and validation/test rows whose hash is also in train.
+  and conflicting groups (dedup), rows per split, and validation/test rows whose hash is also
+  in train; with 'group' it names the policy and counts the near-duplicate pairs.
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f'protocol must be one of {PROTOCOLS}, got {protocol!r}')
+  if near_duplicates not in NEAR_DUPLICATE_POLICIES:
+    raise ValueError(
+        f'near_duplicates must be one of {NEAR_DUPLICATE_POLICIES}, got {near_duplicates!r}')
+  if near_duplicates == 'group' and protocol != 'dedup':
+    raise ValueError(
+        f"near_duplicates='group' merges duplicates, which only protocol 'dedup' does;"
+        f' protocol {protocol!r} keeps them on purpose.')
   if len(fractions) != len(SPLITS) or min(fractions) < 0 or sum(fractions) <= 0:
     raise ValueError(f'fractions must be 3 non-negative numbers, got {tuple(fractions)}')
   rng = np.random.default_rng(seed)
@@ -95,7 +115,11 @@ def make_splits(
             'read': arrays_lib.num_rows(arrays),
             'above_max_age_read': int((arrays['age'] > max_age).sum())}
   if protocol == 'dedup':
-    arrays, dedup_report = cleaning.deduplicate(arrays, conflicts=conflicts)
+    near_pairs = None
+    if near_duplicates == 'group':
+      near_pairs = cleaning.near_duplicate_pairs(arrays['image'])
+      report['near_duplicates'] = near_duplicates
+    arrays, dedup_report = cleaning.deduplicate(arrays, conflicts=conflicts, near_pairs=near_pairs)
     report |= {'conflicts': conflicts, **dedup_report}
   arrays, report['above_max_age_excluded'] = cleaning.filter_max_age(arrays, max_age=max_age)
   if protocol == 'leaky':

@@ -145,6 +145,13 @@ class UtkFace(tfds.core.GeneratorBasedBuilder):
             {'file': item.name, 'age': parsed.age, 'gender': parsed.gender, 'race': parsed.race})
       examples.append({'image': item.image, 'age': parsed.age, 'gender': parsed.gender,
                        'race': parsed.race, 'file_name': item.name, 'hash': item.md5})
+    if not examples:
+      skipped = [c['file'] for c in report['corrupt']] + report['unparseable_names']
+      raise DataError(
+          f'None of the {len(faces)} UTKFace images in {source} is usable '
+          f'({len(report["corrupt"])} unreadable, {len(report["unparseable_names"])} with names'
+          f' not age_gender_race_date.jpg.chip.jpg), e.g. {skipped[:3]}. Download the'
+          ' "Aligned & Cropped Faces" archive again.')
     examples.sort(key=lambda e: e['file_name'])
     report['read'] = len(examples)
     self.info.metadata.update(report)
