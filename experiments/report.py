@@ -400,7 +400,9 @@ def protocol_section(study: Study, plan: run_study.StudyPlan, protocol: str) -> 
   note = (
       'Acc and CS@k in %, MAE in years (argmax decoding; "exp." = expected value, DEX),'
       ' w/m = weighted/macro precision, recall, F1; tol3 = the study\'s ±3-tolerance'
-      ' adjusted score.'
+      ' adjusted score. wR is the accuracy by definition (recall weighted by support,'
+      ' as in scikit-learn); the study\'s wR (0.55) and accuracy (57%) differ, so its'
+      ' scores did not all come from one set of predictions.'
   )
   if 'ranges11' in experiments:
     rows.append(

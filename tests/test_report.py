@@ -128,6 +128,7 @@ class ReportTest(parameterized.TestCase):
       ('per_class_undefined_first', '| 0–9 | – (0) | 0.009 ('),
       ('range_row', '| 65+ | 0.900 | 0.900 | 0.900 |'),
       ('hardware', '- Hardware: test box'),
+      ('weighted_recall_note', 'wR is the accuracy by definition'),
       ('discussion', '<!-- discussion -->'),
       ('draft', 'changes test accuracy by +13.21 points'),
       ('command', '`python -m experiments.finetune --flagfile=experiments/configs/study/fc1.cfg'
