@@ -132,7 +132,8 @@ def mean_interval(
 
 
 def _check_num_samples(num_samples: int) -> None:
-  if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+  is_int = isinstance(num_samples, (int, np.integer)) and not isinstance(num_samples, bool)
+  if not is_int or num_samples < 1:
     raise ValueError(f'num_samples must be an int >= 1, got {num_samples!r}.')
 
 

@@ -64,8 +64,9 @@ def summarize(
 ) -> dict[str, Any]:
   """All scores of accumulated eval sums, as plain Python values.
 
-  Keys: ``loss`` (plain cross-entropy, see `agejax.steps.eval_step`); ``accuracy``; ``cs@k`` for k = 0..10 (in classes: years for
-  age classes); ``mae`` (argmax decoding, years), ``mae_expected`` (DEX) and
+  Keys: ``loss`` (plain cross-entropy, see `agejax.steps.eval_step`);
+  ``accuracy``; ``cs@k`` for k = 0..10 (in classes: years for age classes);
+  ``mae`` (argmax decoding, years), ``mae_expected`` (DEX) and
   ``mae_median``; ``{macro,weighted}_{precision,recall,f1}`` over the classes
   present in labels or predictions; the same with prefix ``tol3_`` for the
   study's tolerance-adjusted metrics; and ``per_class`` precision, recall,

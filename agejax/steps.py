@@ -253,9 +253,10 @@ def eval_step(
   Returns ``loss_sum`` (plain cross-entropy: no label smoothing, no class
   weights, so that validation losses compare across runs whatever they trained
   with; the training loss is on another scale when they are set), ``count``,
-  the ``confusion`` matrix (rows true, columns predicted) and absolute errors in years summed for three decodings of the
-  predicted distribution: ``abs_err_argmax``, ``abs_err_expected`` (DEX) and
-  ``abs_err_median``. The true age is ``batch['age']`` when present, else the
+  the ``confusion`` matrix (rows true, columns predicted) and absolute errors
+  in years summed for three decodings of the predicted distribution:
+  ``abs_err_argmax``, ``abs_err_expected`` (DEX) and ``abs_err_median``. The
+  true age is ``batch['age']`` when present, else the
   value of the true class.
   """
   logits = _eval_logits(state, batch)

@@ -62,9 +62,10 @@ flags.DEFINE_string('tfds_data_dir', None, 'Where TFDS keeps prepared datasets (
 flags.DEFINE_enum('protocol', 'dedup', list(splits_lib.PROTOCOLS), 'UTKFace split protocol.')
 flags.DEFINE_enum(
     'near_duplicates', 'keep', list(splits_lib.NEAR_DUPLICATE_POLICIES),
-    "With --protocol=dedup: 'group' also merges the same photo saved differently (re-encoded,"
-    " resized, shifted; docs/DATA.md), so none crosses splits; 'keep' (the published runs')"
-    ' merges byte-identical files only. Every run reports the near-duplicate leaks either way.',
+    "With --protocol=dedup on real UTKFace: 'group' also merges the same photo saved"
+    " differently (re-encoded, resized, brightened; docs/DATA.md), so none crosses splits;"
+    " 'keep' (the published runs') merges byte-identical files only. Real-data age runs"
+    ' report the near-duplicate leaks either way.',
 )
 flags.register_multi_flags_validator(
     ['near_duplicates', 'protocol'],
@@ -146,12 +147,16 @@ def parse_stages(specs: list[str], schedule: str = 'paper') -> tuple[config_lib.
           f'--stages entry {spec!r}: epochs must be an integer and the learning'
           f' rate a number ({e}).'
       ) from e
+    try:
+      patterns = freeze if freeze.isidentifier() else regex_lists.split_top_level(freeze, '|')
+    except ValueError as e:
+      raise flags.ValidationError(f'--stages entry {spec!r}: {e}') from e
     stages.append(
         config_lib.StageConfig(
             name=name,
             epochs=epochs if schedule == 'paper' else max(1, epochs // 10),
             learning_rate=lr,
-            freeze=freeze if freeze.isidentifier() else regex_lists.split_top_level(freeze, '|'),
+            freeze=patterns,
         )
     )
   return tuple(stages)

@@ -19,18 +19,27 @@ def split_top_level(text: str, sep: str) -> tuple[str, ...]:
 
   ``split_top_level('a|b(c|d)', '|')`` is ``('a', 'b(c|d)')``;
   ``split_top_level('s:1:0.1:x{1,2},t:1:0.1:y', ',')`` is
-  ``('s:1:0.1:x{1,2}', 't:1:0.1:y')``.
+  ``('s:1:0.1:x{1,2}', 't:1:0.1:y')``. A ``]`` first in a class (``[]a]``,
+  ``[^]a]``) is a literal, as in Python's ``re``.
+
+  Raises:
+    ValueError: a ``(``, ``{`` or ``[`` is never closed, which would swallow
+      every separator after it.
   """
-  parts, current, closers, in_class, escaped = [], [], [], False, False
-  for ch in text:
+  parts, current, closers = [], [], []
+  escaped, class_at = False, None  # class_at: index of the class's first member
+  for i, ch in enumerate(text):
     if escaped:
       escaped = False
     elif ch == '\\':
       escaped = True
-    elif in_class:
-      in_class = ch != ']'
+    elif class_at is not None:
+      if ch == '^' and i == class_at:
+        class_at += 1
+      elif ch == ']' and i > class_at:
+        class_at = None
     elif ch == '[':
-      in_class = True
+      class_at = i + 1
     elif ch in _OPEN:
       closers.append(_OPEN[ch])
     elif closers and ch == closers[-1]:
@@ -40,6 +49,9 @@ def split_top_level(text: str, sep: str) -> tuple[str, ...]:
       current = []
       continue
     current.append(ch)
+  if closers or class_at is not None:
+    unclosed = ''.join(reversed(closers)) if closers else ']'
+    raise ValueError(f'{text!r} has an unclosed bracket (missing {unclosed!r}).')
   parts.append(''.join(current))
   return tuple(parts)
 
@@ -51,6 +63,7 @@ class RegexListParser(flags.BaseListParser):
     super().__init__(',', 'comma')
 
   def parse(self, argument: str | list[str]) -> list[str]:
+    """The entries of ``argument`` (a list is taken as it is), stripped of spaces."""
     if isinstance(argument, list):
       return argument
     if not argument:

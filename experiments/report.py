@@ -351,6 +351,16 @@ def header_section(study: Study, options: Options) -> str:
       f'- Training time of the finished runs: {hours:.2f} h.',
       f'- Age data: {", ".join(sources) if sources else "no data_report.json found"}.',
   ]
+  near = sorted({
+      r.data_report['split'].get('near_duplicates', 'keep')
+      for key, r in study.runs.items()
+      if key.startswith('dedup/') and r.data_report and 'split' in r.data_report
+  })
+  if near:
+    lines.append(
+        '- `dedup` split: ' + ', '.join(f'`--near_duplicates={p}`' for p in near)
+        + ' (keep: only byte-identical copies merged; group: near-duplicates too; docs/DATA.md).'
+    )
   if 'synthetic' in sources:
     lines.append('- **Warning: some runs used synthetic faces; their scores say nothing about UTKFace.**')
   return '\n'.join(lines)
@@ -746,7 +756,7 @@ def figures_section(figures: Mapping[str, Sequence[str]], detail_protocol: str) 
 
 
 def _command(args: Sequence[str]) -> str:
-  return ' '.join(['python', *args])
+  return shlex.join(['python', *args])
 
 
 def commands_section(study: Study, options: Options) -> str:

@@ -20,6 +20,7 @@ model under age runs of the short schedule,
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import subprocess
 import sys
 
@@ -47,7 +48,13 @@ regex_lists.define_regex_list(
 flags.DEFINE_list('protocols', list(splits_lib.PROTOCOLS), 'UTKFace split protocols to run.')
 flags.DEFINE_list('experiments', list(EXPERIMENTS), 'Experiments run on the dedup and paper protocols.')
 flags.DEFINE_list('leaky_experiments', ['fc1'], 'Experiments run on the leaky protocol.')
-flags.DEFINE_list('extra_flags', [], 'Flags passed to every run, e.g. --conv_impl=lax.')
+flags.DEFINE_enum(
+    'near_duplicates', 'keep', list(splits_lib.NEAR_DUPLICATE_POLICIES),
+    'Near-duplicate policy of the dedup runs (see experiments.finetune --near_duplicates).',
+)
+regex_lists.define_regex_list(
+    'extra_flags', [], 'Flags passed to every run, e.g. --conv_impl=lax (split as --stages).'
+)
 flags.DEFINE_bool('skip_fer', False, 'Assume <root>/fer is complete.')
 
 FLAGS = flags.FLAGS
@@ -64,6 +71,7 @@ class StudyPlan:
   protocols: tuple[str, ...] = splits_lib.PROTOCOLS
   experiments: tuple[str, ...] = EXPERIMENTS
   leaky_experiments: tuple[str, ...] = ('fc1',)
+  near_duplicates: str = 'keep'
   extra_flags: tuple[str, ...] = ()
 
   def __post_init__(self):
@@ -73,6 +81,10 @@ class StudyPlan:
     unknown = sorted(set(self.protocols) - set(splits_lib.PROTOCOLS))
     if unknown:
       raise ValueError(f'Unknown protocols {unknown}; choose from {splits_lib.PROTOCOLS}.')
+    if self.near_duplicates not in splits_lib.NEAR_DUPLICATE_POLICIES:
+      raise ValueError(
+          f'Unknown near_duplicates {self.near_duplicates!r};'
+          f' choose from {splits_lib.NEAR_DUPLICATE_POLICIES}.')
 
   def age_runs(self) -> list[tuple[str, str]]:
     """``(protocol, experiment)`` of every planned age run, in run order."""
@@ -94,20 +106,24 @@ class StudyPlan:
   def age_command(self, protocol: str, experiment: str) -> list[str]:
     """Arguments of ``python`` for one age experiment on one protocol."""
     init = [] if experiment in FROM_SCRATCH else [f'--init_from={self.root}/fer']
+    # Only dedup merges duplicates; the other protocols keep them on purpose.
+    near = [f'--near_duplicates={self.near_duplicates}'] if (
+        protocol == 'dedup' and self.near_duplicates != 'keep') else []
     return [
         '-m', 'experiments.finetune', f'--flagfile={CONFIGS}/{experiment}.cfg',
         f'--protocol={protocol}', f'--workdir={self.root}/{protocol}/{experiment}', *init,
-        f'--schedule={self.schedule}', '--noprogress', *self.extra_flags,
+        *near, f'--schedule={self.schedule}', '--noprogress', *self.extra_flags,
     ]
 
   def study_flags(self) -> list[str]:
-    """The `experiments.run_study` flags that give this plan (defaults left out)."""
+    """The `experiments.run_study` flags that give this plan (defaults left out), shell-quoted."""
     default = StudyPlan()
     shown = []
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if field.name == 'schedule' or value != getattr(default, field.name):
-        shown.append(f'--{field.name}={",".join(value) if isinstance(value, tuple) else value}')
+        text = ",".join(value) if isinstance(value, tuple) else value
+        shown.append(shlex.quote(f'--{field.name}={text}'))
     return shown
 
 
@@ -122,6 +138,7 @@ def plan_from_flags() -> StudyPlan:
         protocols=tuple(FLAGS.protocols),
         experiments=tuple(FLAGS.experiments),
         leaky_experiments=tuple(FLAGS.leaky_experiments),
+        near_duplicates=FLAGS.near_duplicates,
         extra_flags=tuple(FLAGS.extra_flags),
     )
   except ValueError as e:
@@ -129,7 +146,7 @@ def plan_from_flags() -> StudyPlan:
 
 
 def _run(args: list[str]) -> None:
-  print('+ python', ' '.join(args), flush=True)
+  print('+', shlex.join(['python', *args]), flush=True)
   subprocess.run([sys.executable, *args], check=True)
 
 

@@ -50,7 +50,7 @@ def _reencoded(image: np.ndarray, quality: int = 40) -> np.ndarray:
 
 
 _VARIANTS = {
-    'reencoded': lambda x: _reencoded(x),
+    'reencoded': _reencoded,
     'resized': lambda x: np.asarray(Image.fromarray(x).resize((40, 40)).resize((48, 48))),
     'brighter_and_more_contrast': lambda x: np.clip(x * 1.2 + 15, 0, 255).astype(np.uint8),
     'other_face': lambda x: _face(999),
@@ -73,6 +73,14 @@ class NearDuplicateTest(parameterized.TestCase):
     pairs = cleaning.near_duplicate_pairs(images)
     expected = [[2, 5]] if found else []
     self.assertEqual(pairs.tolist(), expected)
+
+  def test_empty_and_too_small_inputs(self):
+    empty = np.zeros((0, 48, 48, 1), np.uint8)
+    self.assertEqual(cleaning.near_duplicate_pairs(empty).shape, (0, 2))
+    faces = np.stack([_face(0), _face(1)])[..., None]
+    self.assertEqual(cleaning.near_duplicate_leaks(faces, {'test': empty}), {'test': 0})
+    with self.assertRaisesRegex(ValueError, r'at least 12x12 pixels, got shape \(2, 8, 8, 1\)'):
+      cleaning.near_duplicate_pairs(np.zeros((2, 8, 8, 1), np.uint8))
 
   def test_flat_images_match_nothing(self):
     images = np.stack([np.full((48, 48), 7), np.full((48, 48), 200), _face(0)]).astype(np.uint8)

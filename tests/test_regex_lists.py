@@ -24,14 +24,30 @@ class SplitTopLevelTest(parameterized.TestCase):
       ('comma_in_group_and_class', 'a:1:0.1:(x,y)[,],b', ',',
        ('a:1:0.1:(x,y)[,]', 'b')),
       ('brace_inside_class', 'x[{],y', ',', ('x[{]', 'y')),
+      ('bracket_first_in_class', '[]|]x|y', '|', ('[]|]x', 'y')),
+      ('bracket_first_in_negated_class', '[^],]x,y', ',', ('[^],]x', 'y')),
+      ('escaped_bracket_in_class', r'[\],]x,y', ',', (r'[\],]x', 'y')),
       ('trailing', 'a,', ',', ('a', '')),
   )
   def test_split(self, text, sep, want):
-    self.assertEqual(regex_lists.split_top_level(text, sep), want)
+    parts = regex_lists.split_top_level(text, sep)
+    self.assertEqual(parts, want)
+    self.assertEqual(sep.join(parts), text)
 
-  def test_each_part_of_a_quantified_pattern_compiles(self):
-    for part in regex_lists.split_top_level(r'block\d{1,2}/.*|logits/(kernel|bias)', '|'):
-      re.compile(part)
+  def test_quantified_alternatives_stay_whole(self):
+    parts = regex_lists.split_top_level(r'block\d{1,2}/.*|logits/(kernel|bias)', '|')
+    self.assertEqual(parts, (r'block\d{1,2}/.*', 'logits/(kernel|bias)'))
+    self.assertTrue(re.fullmatch(parts[0], 'block12/conv1/kernel'))
+
+  @parameterized.named_parameters(
+      ('brace', 'a{,b', "missing '}'"),
+      ('group_and_brace', '(a{1,b', "missing '})'"),
+      ('class', 'a[,b', "missing ']'"),
+  )
+  def test_unclosed_raises(self, text, message):
+    with self.assertRaisesWithLiteralMatch(
+        ValueError, f'{text!r} has an unclosed bracket ({message}).'):
+      regex_lists.split_top_level(text, ',')
 
 
 class RegexListFlagTest(parameterized.TestCase):
@@ -48,6 +64,12 @@ class RegexListFlagTest(parameterized.TestCase):
     regex_lists.define_regex_list('stages', None, 'help', flag_values=values)
     values(['prog', arg])
     self.assertEqual(values.stages, want)
+
+  def test_unclosed_bracket_is_a_flag_error(self):
+    values = flags.FlagValues()
+    regex_lists.define_regex_list('stages', None, 'help', flag_values=values)
+    with self.assertRaisesRegex(flags.IllegalFlagValueError, 'unclosed bracket'):
+      values(['prog', '--stages=a:1:1e-3:block{1,b:1:1e-4:none'])
 
   def test_serialized_value_parses_back(self):
     values = flags.FlagValues()

@@ -129,6 +129,7 @@ class ReportTest(parameterized.TestCase):
       ('range_row', '| 65+ | 0.900 | 0.900 | 0.900 |'),
       ('hardware', '- Hardware: test box'),
       ('weighted_recall_note', 'wR is the accuracy by definition'),
+      ('near_duplicate_policy', '- `dedup` split: `--near_duplicates=keep` (keep: only byte-identical'),
       ('discussion', '<!-- discussion -->'),
       ('draft', 'changes test accuracy by +13.21 points'),
       ('command', '`python -m experiments.finetune --flagfile=experiments/configs/study/fc1.cfg'

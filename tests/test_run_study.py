@@ -27,6 +27,15 @@ class StudyPlanTest(parameterized.TestCase):
       ('scratch_loads_nothing', run_study.StudyPlan(schedule='paper'), ('paper', 'scratch'),
        f'-m experiments.finetune --flagfile={_CFG}/scratch.cfg --protocol=paper'
        ' --workdir=runs/study/paper/scratch --schedule=paper --noprogress'),
+      ('near_duplicates_for_dedup', run_study.StudyPlan(near_duplicates='group'), ('dedup', 'fc1'),
+       f'-m experiments.finetune --flagfile={_CFG}/fc1.cfg --protocol=dedup'
+       ' --workdir=runs/study/dedup/fc1 --init_from=runs/study/fer --near_duplicates=group'
+       ' --schedule=short --noprogress'),
+      ('near_duplicates_not_for_paper', run_study.StudyPlan(near_duplicates='group'),
+       ('paper', 'fc1'),
+       f'-m experiments.finetune --flagfile={_CFG}/fc1.cfg --protocol=paper'
+       ' --workdir=runs/study/paper/fc1 --init_from=runs/study/fer --schedule=short'
+       ' --noprogress'),
   )
   def test_command(self, plan, age_run, expected):
     args = plan.fer_command() if age_run is None else plan.age_command(*age_run)
@@ -46,6 +55,10 @@ class StudyPlanTest(parameterized.TestCase):
        ['--root=runs/x', '--schedule=short', '--fer_schedule=paper',
         '--fer_stages=a:2:1e-3:none,b:1:1e-4:none', '--protocols=dedup', '--experiments=fc1',
         '--extra_flags=--stop_after_epoch=2']),
+      ('shell_quoted', run_study.StudyPlan(
+          fer_stages=(r'a:2:1e-3:block\d{1,2}/.*',), near_duplicates='group'),
+       ['--schedule=short', r"'--fer_stages=a:2:1e-3:block\d{1,2}/.*'",
+        '--near_duplicates=group']),
   )
   def test_study_flags(self, plan, expected):
     self.assertEqual(plan.study_flags(), expected)
@@ -54,6 +67,7 @@ class StudyPlanTest(parameterized.TestCase):
       ('experiment', dict(experiments=('fc1', 'fc3')), 'fc3'),
       ('leaky_experiment', dict(leaky_experiments=('nope',)), 'nope'),
       ('protocol', dict(protocols=('kaggle',)), 'kaggle'),
+      ('near_duplicates', dict(near_duplicates='merge'), 'merge'),
   )
   def test_unknown_names_raise(self, kwargs, name):
     with self.assertRaisesRegex(ValueError, name):

@@ -1,8 +1,8 @@
 """Duplicate grouping and age filtering for UTKFace arrays.
 
 UTKFace ships byte-identical images under different names, some with different ages, and
-also the same photo saved again (re-encoded, resized, slightly shifted or brightened) under
-other names and ages. A group with one age is kept once; a group with conflicting ages has no
+also the same photo saved again (re-encoded, resized or brightened) under other names and
+ages. A group with one age is kept once; a group with conflicting ages has no
 trustworthy label and is dropped by default ('keep_first' keeps its first image instead).
 Groups are byte-identical files (equal md5), plus, on request, near-duplicates
 (`near_duplicate_pairs`).
@@ -54,27 +54,39 @@ def duplicate_groups(hashes: np.ndarray, pairs: np.ndarray | None = None) -> lis
 
 
 def _signatures(images: np.ndarray) -> np.ndarray:
-  """[N, 144] standardised 12x12 block means of the (gray) images, float32."""
+  """[N, 144] float32 signatures whose dot products are the correlations compared.
+
+  The 12x12 block means of each (gray) image, standardised, divided by sqrt(144).
+  """
+  if images.ndim not in (3, 4) or min(images.shape[1:3]) < _SIGNATURE_SIDE:
+    raise ValueError(
+        f'Near-duplicate search needs [N, H, W] or [N, H, W, C] images of at least'
+        f' {_SIGNATURE_SIDE}x{_SIGNATURE_SIDE} pixels, got shape {images.shape}.')
   n, h, w = images.shape[:3]
-  gray = images.reshape(n, h, w, -1).mean(axis=-1, dtype=np.float32)
+  channels = images.shape[3] if images.ndim == 4 else 1
+  gray = images.reshape(n, h, w, channels).mean(axis=-1, dtype=np.float32)
   # Centre crop to whole blocks (64 -> 60 for the rgb64 config).
   bh, bw = h // _SIGNATURE_SIDE, w // _SIGNATURE_SIDE
   top, left = (h - bh * _SIGNATURE_SIDE) // 2, (w - bw * _SIGNATURE_SIDE) // 2
   gray = gray[:, top:top + bh * _SIGNATURE_SIDE, left:left + bw * _SIGNATURE_SIDE]
   blocks = gray.reshape(n, _SIGNATURE_SIDE, bh, _SIGNATURE_SIDE, bw).mean(axis=(2, 4))
-  flat = blocks.reshape(n, -1)
+  flat = blocks.reshape(n, _SIGNATURE_SIDE * _SIGNATURE_SIDE)
   flat = flat - flat.mean(axis=1, keepdims=True)
-  norm = np.sqrt(np.mean(flat * flat, axis=1, keepdims=True))
+  norm = np.sqrt(np.sum(flat * flat, axis=1, keepdims=True))
   # A flat image (no contrast) correlates with nothing.
-  return np.divide(flat, norm, out=np.zeros_like(flat), where=norm > 1e-3)
+  return np.divide(flat, norm, out=np.zeros_like(flat), where=norm > 1e-2)
 
 
 def _correlations(
-    queries: np.ndarray, keys: np.ndarray, block: int = 2048
+    queries: np.ndarray, keys: np.ndarray, budget_bytes: int = 256 << 20
 ) -> Iterator[tuple[int, np.ndarray]]:
-  """(first query row, [rows, len(keys)] correlations) of `_signatures`, block by block."""
+  """(first query row, [rows, len(keys)] correlations) of `_signatures`, block by block.
+
+  Each block's matrix holds at most ``budget_bytes`` (at least one row).
+  """
+  block = max(1, budget_bytes // (4 * max(1, len(keys))))
   for start in range(0, len(queries), block):
-    yield start, queries[start:start + block] @ keys.T / queries.shape[1]
+    yield start, queries[start:start + block] @ keys.T
 
 
 def near_duplicate_pairs(
@@ -86,12 +98,12 @@ def near_duplicate_pairs(
   UTKFace's 23,708 faces). Byte-identical images are among the pairs.
   """
   sig = _signatures(images)
-  found = []
+  found = [np.zeros((0, 2), np.int64)]
   for start, corr in _correlations(sig, sig):
     rows, cols = np.nonzero(corr >= min_corr)
     rows = rows + start
     found.append(np.stack([rows, cols], axis=1)[rows < cols])
-  return np.concatenate(found).astype(np.int64) if found else np.zeros((0, 2), np.int64)
+  return np.concatenate(found).astype(np.int64)
 
 
 def near_duplicate_leaks(
@@ -134,7 +146,7 @@ def deduplicate(
   report = {
       'duplicate_groups': len(groups),
       'duplicate_extra_copies': int(sum(len(rows) - 1 for rows in groups)),
-      'unique_hashes': int(n - sum(len(rows) - 1 for rows in groups)),
+      'unique_hashes': len(set(arrays['hash'].tolist())),
       'conflicting_groups': conflicting,
       'conflicting_rows_dropped': conflict_rows_dropped,
       'kept': int(keep.sum()),

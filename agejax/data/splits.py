@@ -74,7 +74,7 @@ def hash_leaks(splits: dict[str, arrays_lib.Arrays]) -> dict[str, int]:
 
 
 def near_duplicate_leaks(splits: dict[str, arrays_lib.Arrays]) -> dict[str, int]:
-  """Rows of validation/test with a near-duplicate face in train (`cleaning.near_duplicate_leaks`)."""
+  """Rows of validation/test with a near-duplicate in train (`cleaning.near_duplicate_leaks`)."""
   return cleaning.near_duplicate_leaks(
       splits['train']['image'], {name: splits[name]['image'] for name in SPLITS[1:]})
 
