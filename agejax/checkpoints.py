@@ -7,7 +7,9 @@ A run directory holds two `orbax.checkpoint.CheckpointManager` folders:
   every epoch so a killed run resumes where it stopped.
 - ``best/``: the variables (params and BatchNorm statistics) of the epoch with
   the best validation metric, with the model config and metrics as JSON. This
-  is what transfer (`load_variables`) and evaluation read.
+  is what transfer (`load_variables`) and evaluation read. The best epoch
+  before it is kept too, so that dropping a best epoch the run did not finish
+  (`RunCheckpoints.delete_best`) leaves the one its progress records.
 
 Both restore against abstract targets built from the config, so shapes and
 shardings are checked and arrays land where the caller wants them. Orbax
@@ -32,10 +34,12 @@ class CheckpointError(ValueError):
   """A checkpoint is missing or does not fit the model it is restored into."""
 
 
-def _manager(directory: pathlib.Path, items: tuple[str, ...]) -> ocp.CheckpointManager:
+def _manager(
+    directory: pathlib.Path, items: tuple[str, ...], keep: int = 1
+) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       directory.absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
       item_names=items,
   )
 
@@ -47,7 +51,7 @@ class RunCheckpoints:
     directory = pathlib.Path(directory)
     self.directory = directory
     self._latest = _manager(directory / LATEST, ('state', 'progress'))
-    self._best = _manager(directory / BEST, ('variables', 'meta'))
+    self._best = _manager(directory / BEST, ('variables', 'meta'), keep=2)
 
   def save_latest(self, epoch: int, state: Any, progress: dict[str, Any]) -> None:
     saved = self._latest.save(
@@ -79,6 +83,23 @@ class RunCheckpoints:
   def best_epoch(self) -> int | None:
     """The epoch of the saved best checkpoint, or None if there is none."""
     return self._best.latest_step()
+
+  def best_epochs(self) -> list[int]:
+    """Every epoch held in ``best/`` (the best one and the best before it)."""
+    return sorted(self._best.all_steps())
+
+  def best_meta(self, epoch: int) -> dict[str, Any]:
+    """The JSON metadata saved with the best checkpoint of ``epoch``."""
+    try:
+      return self._best.restore(
+          epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+      )['meta']
+    except Exception as e:  # Orbax and TensorStore raise many types here.
+      raise _unreadable(self.directory / BEST, epoch, e) from e
+
+  def delete_best(self, epoch: int) -> None:
+    """Deletes the best checkpoint of ``epoch``."""
+    self._best.delete(epoch)
 
   def latest_progress(self) -> dict[str, Any] | None:
     """The progress JSON of the latest checkpoint, or None for a new run."""

@@ -116,7 +116,10 @@ class TrainConfig:
 
   Attributes:
     model: The network.
-    stages: Stages run in order; the optimizer state carries across them.
+    stages: Stages run in order; the optimizer state carries across them
+      (`agejax.freezing.stage_groups`: layers that keep training keep their
+      Adam moments, newly unfrozen ones start fresh). A Keras ``compile``
+      between stages would reset every moment instead.
     step: Loss, augmentation and metric settings.
     batch_size: Global training batch size (split across devices).
     eval_batch_size: Global evaluation batch size; the last batch is padded

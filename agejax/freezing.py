@@ -98,7 +98,10 @@ def frozen_batch_norm_layers(
   """Paths of the BatchNorm layers whose scale and bias are all frozen.
 
   These layers must run in inference mode (`agejax.model.CNN.frozen_bn`), so
-  that their running statistics are used and stay unchanged, as in Keras.
+  that their running statistics are used and stay unchanged, as in Keras. A
+  layer with only one of scale and bias frozen is not among them: it runs in
+  training mode, normalising by batch statistics and updating its running
+  ones.
   """
   labels = param_labels(params, spec)
   status = {

@@ -176,6 +176,10 @@ def train_step(
   Augmentation and dropout are keyed by ``rng``; the caller derives it from
   the run's seed, epoch and step, so a run is reproducible and resumable.
 
+  ``state`` is donated (its buffers are reused for the new state): its arrays,
+  and those of the variables it was created from, cannot be used after the
+  call. Copy them first (``jax.tree.map(jnp.copy, variables)``) to keep them.
+
   Returns:
     The new state, and ``loss_sum``, ``correct`` and ``count`` over the
     batch's unmasked examples.
@@ -220,7 +224,8 @@ def train_epoch(
 
   ``images`` and ``labels`` are the whole training set, already on device.
   Shuffling and the per-step keys come from `epoch_keys`, as in the per-step
-  loop, so both modes train identically.
+  loop, so both modes train identically. ``state`` is donated, as in
+  `train_step`.
   """
   perm_key, step_key = epoch_keys(key)
   indices = epoch_indices(perm_key, images.shape[0], batch_size)

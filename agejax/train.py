@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import time
 from typing import Any, Callable, Mapping
@@ -110,9 +111,47 @@ def _state_tree(state: steps.TrainState) -> dict[str, Any]:
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
-  if best is None:
+  """Whether ``value`` beats ``best``; a NaN or infinite score beats only no score."""
+  if not math.isfinite(value):
+    return best is None
+  if best is None or not math.isfinite(best):
     return True
   return value > best if mode == 'max' else value < best
+
+
+def _drop_unfinished_best(
+    ckpts: checkpoints.RunCheckpoints,
+    done: int,
+    run_config: Mapping[str, Any],
+    workdir: pathlib.Path,
+    log: Callable[[str], None],
+) -> None:
+  """Deletes best checkpoints of epochs after ``done`` that this run wrote.
+
+  A run killed after saving an epoch's best checkpoint and before its latest
+  one leaves a best epoch that its progress does not record; the resumed run
+  trains that epoch again and saves it again. A best epoch written by a run
+  with another config (or by an agejax that did not record it) is not ours
+  to delete: CheckpointError.
+  """
+  ahead = [e for e in ckpts.best_epochs() if e > done]
+  if not ahead:
+    return
+  identity = training_identity(run_config)
+  best = workdir / 'checkpoints' / checkpoints.BEST
+  if any(ckpts.best_meta(e).get('run') != identity for e in ahead):
+    raise checkpoints.CheckpointError(
+        f'{best} holds best epoch(s) {ahead} of another run, after the last'
+        f' epoch this run completed ({done}); this run would report them as its'
+        f' own. Move {workdir / "checkpoints"} aside to start over, or choose a'
+        ' new --workdir.'
+    )
+  for epoch in ahead:
+    ckpts.delete_best(epoch)
+  log(
+      f'Deleted best epoch(s) {ahead} in {best}: saved after the last completed'
+      f' epoch ({done}) by a run killed before it finished; they are retrained.'
+  )
 
 
 def train_and_evaluate(
@@ -173,15 +212,9 @@ def train_and_evaluate(
         f' same flags, or choose a new --workdir. Saved: {workdir / "config.json"}.'
     )
 
-  orphan_best = ckpts.best_epoch() if progress is None else None
-  if orphan_best is not None:
-    raise checkpoints.CheckpointError(
-        f'{workdir / "checkpoints" / checkpoints.BEST} holds the best epoch'
-        f' ({orphan_best}) of a run whose latest checkpoint is gone, so'
-        ' this run cannot resume it and would report it as its own. Move'
-        f' {workdir / "checkpoints"} aside to start over, or choose a new'
-        ' --workdir.'
-    )
+  _drop_unfinished_best(
+      ckpts, 0 if progress is None else progress['epoch'], run_config, workdir, log
+  )
   if progress is None:
     variables, report = initial_variables(config, log)
     transfer_report = None if report is None else report.to_dict()
@@ -280,6 +313,7 @@ def train_and_evaluate(
                 'model': config_dict(model_config),
                 'epoch': g + 1,
                 'validation': {k: v for k, v in val.items() if k != 'per_class'},
+                'run': training_identity(run_config),
             },
         )
       ckpts.save_latest(

@@ -113,7 +113,11 @@ flags.DEFINE_float('label_smoothing', 0.0, 'Label smoothing.')
 flags.DEFINE_bool('augment', False, "The study's augmentation (flip, +-10 deg, +-10% shift and zoom).")
 flags.DEFINE_enum('epoch_mode', 'auto', ['auto', 'scan', 'loop'], 'One compiled program per epoch, or a step loop.')
 flags.DEFINE_string('select_metric', 'accuracy', 'Validation score that picks the best checkpoint.')
-flags.DEFINE_enum('select_mode', 'max', ['max', 'min'], 'Whether --select_metric is better high or low.')
+flags.DEFINE_enum(
+    'select_mode', 'auto', ['auto', 'max', 'min'],
+    "Whether --select_metric is better high or low; 'auto': low for losses and MAEs"
+    ' (loss, mae, mae_expected, tol3_mae, ...), high for the rest.',
+)
 flags.DEFINE_string('init_from', None, 'Run directory of a FER (or other) checkpoint to transfer from.')
 regex_lists.define_regex_list(
     'dont_load', [],
@@ -163,6 +167,14 @@ def parse_stages(specs: list[str], schedule: str = 'paper') -> tuple[config_lib.
 
 
 _FER_HISTORY = ('loss', 'accuracy', 'macro_f1', 'weighted_f1')
+_LOWER_IS_BETTER = {'loss', 'mae'}
+
+
+def select_mode(metric: str, mode: str) -> str:
+  """``mode``, or for 'auto' the direction in which ``metric`` improves."""
+  if mode != 'auto':
+    return mode
+  return 'min' if _LOWER_IS_BETTER & set(metric.split('_')) else 'max'
 
 
 def train_config(task: str, *, num_classes: int, class_weights: np.ndarray | None = None) -> config_lib.TrainConfig:
@@ -198,7 +210,7 @@ def train_config(task: str, *, num_classes: int, class_weights: np.ndarray | Non
       init_from=FLAGS.init_from,
       dont_load=tuple(FLAGS.dont_load),
       select_metric=FLAGS.select_metric,
-      select_mode=FLAGS.select_mode,
+      select_mode=select_mode(FLAGS.select_metric, FLAGS.select_mode),
       epoch_mode=FLAGS.epoch_mode,
       history_metrics=_FER_HISTORY if task == 'fer' else config_lib.TrainConfig.history_metrics,
   )

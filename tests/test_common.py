@@ -138,6 +138,24 @@ except flags.ValidationError as e:
 """
 
 
+_SELECT_SCRIPT = """
+import json, sys
+from experiments import common
+print(json.dumps([common.select_mode(m, 'auto') for m in sys.argv[1].split(',')]
+                 + [common.select_mode('mae', 'max')]))
+"""
+
+
+class SelectModeTest(absltest.TestCase):
+
+  def test_auto_is_low_for_losses_and_maes(self):
+    metrics = 'loss,mae,mae_expected,tol3_mae,accuracy,cs@3,macro_f1,tol3_weighted_f1'
+    self.assertEqual(
+        _run_script(_SELECT_SCRIPT, metrics),
+        ['min', 'min', 'min', 'min', 'max', 'max', 'max', 'max', 'max'],
+    )
+
+
 class ParseStagesTest(parameterized.TestCase):
 
   @parameterized.named_parameters(

@@ -4,6 +4,7 @@ import json
 import pathlib
 import shutil
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -103,6 +104,40 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     )
     self.assertEqual([h['epoch'] for h in history], [1, 2, 3])
 
+  @parameterized.named_parameters(('first_epoch', 1), ('later_epoch', 3))
+  def test_kill_between_best_and_latest_saves_resumes(self, epoch):
+    # A hard kill there leaves a best checkpoint for an epoch that the latest
+    # checkpoint does not record (here: that epoch's latest save never runs).
+    data = _data()
+    save_latest = checkpoints.RunCheckpoints.save_latest
+
+    def dies_at_epoch(ckpts, step, *args):
+      if step == epoch:
+        raise _Killed()
+      save_latest(ckpts, step, *args)
+
+    config_ = _config(select_metric='mae_expected', select_mode='min')  # better every epoch
+    with tempfile.TemporaryDirectory() as tmp:
+      with mock.patch.object(checkpoints.RunCheckpoints, 'save_latest', dies_at_epoch):
+        with self.assertRaises(_Killed):
+          train.train_and_evaluate(config_, data, tmp, log=lambda _: None, show_progress=False)
+      ckpts = checkpoints.RunCheckpoints(f'{tmp}/checkpoints')
+      self.assertEqual(ckpts.best_epoch(), epoch)  # the best save of that epoch happened
+      ckpts.close()
+      lines = []
+      resumed = train.train_and_evaluate(
+          config_, data, tmp, log=lines.append, show_progress=False
+      )
+    straight = train.train_and_evaluate(
+        config_, data, f'{self._tmp.name}/straight_mae_expected', log=lambda _: None,
+        show_progress=False,
+    )
+    self.assertTrue(any(l.startswith(f'Deleted best epoch(s) [{epoch}]') for l in lines), lines)
+    self.assertEqual(
+        json.dumps(_without_timing(straight), sort_keys=True),
+        json.dumps(_without_timing(resumed), sort_keys=True),
+    )
+
   def test_scan_and_loop_epochs_train_identically(self):
     data = _data()
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,6 +193,17 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     self.assertEqual(first['test']['accuracy'], again['test']['accuracy'])
     self.assertEqual('mae' in again['test'], has_mae)
 
+  @parameterized.named_parameters(
+      ('first_score', float('nan'), None, 'max', True),
+      ('nan_never_beats_a_score', float('nan'), 0.1, 'max', False),
+      ('any_score_beats_nan', 0.0, float('nan'), 'min', True),
+      ('higher', 0.2, 0.1, 'max', True),
+      ('lower', 0.2, 0.1, 'min', False),
+      ('tie_keeps_the_earlier', 0.1, 0.1, 'max', False),
+  )
+  def test_better(self, value, best, mode, expected):
+    self.assertEqual(train._better(value, best, mode), expected)
+
   def test_training_identity_ignores_report_only_fields_even_when_absent(self):
     current = train.config_dict(_config(step=config.StepConfig(ordinal=False)))
     saved_by_older_agejax = train.config_dict(_config())
@@ -182,7 +228,7 @@ class TrainAndEvaluateTest(parameterized.TestCase):
             _config(seed=1), data, tmp, log=lambda _: None, show_progress=False
         )
 
-  def test_fresh_run_beside_an_old_best_checkpoint_raises(self):
+  def test_fresh_run_beside_another_runs_best_checkpoint_raises(self):
     # With the latest checkpoint gone the old best cannot be resumed, and a
     # new run could never save a best epoch below it.
     data = _data()
@@ -191,7 +237,7 @@ class TrainAndEvaluateTest(parameterized.TestCase):
           _config(), data, tmp, log=lambda _: None, show_progress=False
       )
       shutil.rmtree(pathlib.Path(tmp) / 'checkpoints' / checkpoints.LATEST)
-      with self.assertRaisesRegex(checkpoints.CheckpointError, 'latest checkpoint is gone'):
+      with self.assertRaisesRegex(checkpoints.CheckpointError, r'best epoch\(s\) \[\d\] of another run'):
         train.train_and_evaluate(
             _config(seed=1), data, tmp, log=lambda _: None, show_progress=False
         )
