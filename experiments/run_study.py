@@ -53,7 +53,9 @@ flags.DEFINE_enum(
     'Near-duplicate policy of the dedup runs (see experiments.finetune --near_duplicates).',
 )
 regex_lists.define_regex_list(
-    'extra_flags', [], 'Flags passed to every run, e.g. --conv_impl=lax (split as --stages).'
+    'extra_flags', [],
+    'Flags passed to every run, e.g. --conv_impl=lax; commas split them outside regex brackets,'
+    ' and an entry in double quotes is taken whole (e.g. "--manual_dir=/data, v2").'
 )
 flags.DEFINE_bool('skip_fer', False, 'Assume <root>/fer is complete.')
 
@@ -96,7 +98,7 @@ class StudyPlan:
 
   def fer_command(self) -> list[str]:
     """Arguments of ``python`` for the FER pretraining."""
-    stages = [f'--stages={",".join(self.fer_stages)}'] if self.fer_stages else []
+    stages = [f'--stages={regex_lists.join_entries(self.fer_stages)}'] if self.fer_stages else []
     return [
         '-m', 'experiments.pretrain_fer', f'--flagfile={CONFIGS}/fer.cfg',
         f'--workdir={self.root}/fer', *stages,
@@ -122,7 +124,7 @@ class StudyPlan:
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if field.name == 'schedule' or value != getattr(default, field.name):
-        text = ",".join(value) if isinstance(value, tuple) else value
+        text = regex_lists.join_entries(value) if isinstance(value, tuple) else value
         shown.append(shlex.quote(f'--{field.name}={text}'))
     return shown
 

@@ -50,6 +50,44 @@ class SplitTopLevelTest(parameterized.TestCase):
       regex_lists.split_top_level(text, ',')
 
 
+class EntriesTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('plain', 'a, b ,c', ['a', 'b', 'c']),
+      ('quantifier', r'a:1:0.1:x\d{1,2},b', [r'a:1:0.1:x\d{1,2}', 'b']),
+      ('quoted_comma', '"--manual_dir=/data, v2",--batch_size=64',
+       ['--manual_dir=/data, v2', '--batch_size=64']),
+      ('quoted_quote', '"say ""hi"", then",x', ['say "hi", then', 'x']),
+      ('quoted_last', 'x, "y,z" ', ['x', 'y,z']),
+      ('empty_entry', 'a,,b', ['a', '', 'b']),
+  )
+  def test_split(self, argument, want):
+    self.assertEqual(regex_lists.split_entries(argument), want)
+
+  @parameterized.named_parameters(
+      ('unclosed_quote', '"a,b', 'unclosed quote'),
+      ('text_after_quote', '"a"b,c', 'text after a closing quote'),
+      ('unclosed_bracket', 'a{1,b', 'unclosed bracket'),
+  )
+  def test_split_raises(self, argument, message):
+    with self.assertRaisesRegex(ValueError, message):
+      regex_lists.split_entries(argument)
+
+  @parameterized.named_parameters(
+      ('plain', ['a', 'b']),
+      ('regex', [r'a:1:0.1:x\d{1,2}/.*', 'b:2:0.1:(c|d)']),
+      ('comma_path', ['--manual_dir=/data, v2', '--batch_size=64']),
+      ('quotes_and_spaces', ['say "hi"', ' padded ', 'a{']),
+  )
+  def test_join_reads_back(self, entries):
+    self.assertEqual(regex_lists.split_entries(regex_lists.join_entries(entries)), entries)
+
+  def test_join_quotes_only_what_needs_it(self):
+    self.assertEqual(
+        regex_lists.join_entries([r'x\d{1,2}', 'a, b']), r'x\d{1,2},"a, b"'
+    )
+
+
 class RegexListFlagTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
