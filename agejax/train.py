@@ -63,6 +63,21 @@ def training_identity(run_config: Mapping[str, Any]) -> dict[str, Any]:
   return identity
 
 
+def _differences(saved: Any, new: Any, path: str = '') -> list[str]:
+  """``'path: saved -> new'`` for each value that differs between two config dicts."""
+  if isinstance(saved, dict) and isinstance(new, dict):
+    return [
+        change
+        for key in sorted(set(saved) | set(new), key=str)
+        for change in _differences(
+            saved.get(key), new.get(key), f'{path}.{key}' if path else str(key)
+        )
+    ]
+  if _jsonable(saved) == _jsonable(new):
+    return []
+  return [f'{path}: {saved!r} -> {new!r}']
+
+
 def _jsonable(x: Any) -> Any:
   if isinstance(x, dict):
     return {k: _jsonable(v) for k, v in x.items()}
@@ -207,9 +222,13 @@ def train_and_evaluate(
   if progress is not None and (
       training_identity(progress['config']) != training_identity(run_config)
   ):
+    changes = _differences(
+        training_identity(progress['config']), training_identity(run_config)
+    )
     raise checkpoints.CheckpointError(
-        f'{workdir} holds a run with a different config; resume it with the'
-        f' same flags, or choose a new --workdir. Saved: {workdir / "config.json"}.'
+        f'{workdir} holds a run with a different config ({"; ".join(changes[:5])});'
+        ' resume it with the same flags, or choose a new --workdir. Saved:'
+        f' {workdir / "config.json"}.'
     )
 
   _drop_unfinished_best(

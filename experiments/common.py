@@ -9,8 +9,10 @@ and one flagfile format; `run_study` passes them on to its runs through
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 from absl import app
@@ -20,11 +22,15 @@ import numpy as np
 
 from agejax import ages
 from agejax import augment
+from agejax import checkpoints
 from agejax import config as config_lib
+from agejax import freezing
 from agejax import parallel
 from agejax import run_logging
 from agejax import synthetic
+from agejax import train
 from agejax.data import balance
+from agejax.data.errors import DataError
 from agejax.data import fer2013
 from agejax.data import splits as splits_lib
 from agejax.data import utk_face
@@ -200,7 +206,7 @@ def train_config(task: str, *, num_classes: int, class_weights: np.ndarray | Non
       class_values=class_values,
       ordinal=task == 'age',
   )
-  return config_lib.TrainConfig(
+  config = config_lib.TrainConfig(
       model=model,
       stages=parse_stages(FLAGS.stages, FLAGS.schedule),
       step=step,
@@ -214,6 +220,33 @@ def train_config(task: str, *, num_classes: int, class_weights: np.ndarray | Non
       epoch_mode=FLAGS.epoch_mode,
       history_metrics=_FER_HISTORY if task == 'fer' else config_lib.TrainConfig.history_metrics,
   )
+  _check_before_training(config)
+  return config
+
+
+def _check_before_training(config: config_lib.TrainConfig) -> None:
+  """Fails before the run directory is written: a freezing pattern matching nothing, or a
+  missing --init_from checkpoint."""
+  params = train.abstract_variables(config.model)['params']
+  for stage in config.stages:
+    try:
+      freezing.param_labels(params, stage.freeze)
+    except ValueError as e:
+      raise flags.ValidationError(f'--stages entry {stage.name!r}: {e}') from e
+  if config.init_from:
+    checkpoints.best_dir(config.init_from)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+  """Turns errors a user can fix (flags, data, checkpoints) into usage errors.
+
+  absl then prints the message alone, without a traceback.
+  """
+  try:
+    yield
+  except (flags.ValidationError, DataError, checkpoints.CheckpointError) as e:
+    raise app.UsageError(str(e)) from e
 
 
 def _truncate(splits: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
@@ -381,6 +414,10 @@ def format_results(results: dict[str, Any], keys: tuple[str, ...] = HEADLINE) ->
   """A small table of the best checkpoint's scores on validation and test."""
   splits = [s for s in ('validation', 'test') if s in results]
   lines = [f'best epoch {results["best_epoch"]}', f'{"metric":<20}' + ''.join(f'{s:>12}' for s in splits)]
+  done, planned = results.get('epochs_done'), results.get('epochs_planned')
+  if done is not None and planned is not None and done < planned:
+    lines.insert(0, f'Stopped after epoch {done} of {planned} (--stop_after_epoch): these are the'
+                    ' scores of the best epoch so far; rerun without it to finish.')
   for key in keys:
     if all(key in results[s] for s in splits):
       lines.append(f'{key:<20}' + ''.join(f'{results[s][key]:>12.4f}' for s in splits))

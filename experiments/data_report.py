@@ -4,7 +4,8 @@
 
 Writes figure1_images_per_age.png (images per age, all read images, ages above max_age
 shaded), figure_a2_age_boxplot.png (age distribution per split) and data_report.json
-(prepare report, cleaning and split report, per-split counts per age).
+(``load``: the prepare report, ``split``: cleaning and split report, as in a run's
+data_report.json; near-duplicate leaks; per-split counts per age).
 """
 
 import os
@@ -26,6 +27,8 @@ from experiments import common  # pylint: disable=unused-import
 
 _OUT_DIR = flags.DEFINE_string('out_dir', 'outputs/data_report', 'Where to write PNG and JSON.')
 _MAX_AGE = flags.DEFINE_integer('max_age', 99, 'Largest age kept (classes 0..max_age).')
+for _name in ('manual_dir', 'tfds_data_dir', 'protocol', 'near_duplicates', 'split_seed'):
+  flags.declare_key_flag(_name)
 FLAGS = flags.FLAGS
 
 
@@ -63,8 +66,8 @@ def main(argv):
   plot_age_boxplot({name: s['age'] for name, s in splits.items()},
                    os.path.join(_OUT_DIR.value, 'figure_a2_age_boxplot.png'))
   report = {
-      'prepare': prepare_report,
-      'splits': split_report,
+      'load': prepare_report,
+      'split': split_report,
       'near_duplicate_leaks_from_train': splits_lib.near_duplicate_leaks(splits),
       'per_split_age_counts': {
           name: np.bincount(s['label'], minlength=_MAX_AGE.value + 1).tolist()

@@ -14,27 +14,29 @@ from agejax import train
 from agejax.data import balance
 from experiments import common
 
+flags.adopt_module_key_flags(common)
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  common.setup()
-  data, data_report = common.age_data()
-  num_classes = common.num_age_classes()
-  weights = (
-      balance.class_weights(data['train']['label'], num_classes)
-      if FLAGS.class_weights
-      else None
-  )
-  config = common.train_config('age', num_classes=num_classes, class_weights=weights)
-  common.write_data_report(FLAGS.workdir, data_report)
-  results = train.train_and_evaluate(
-      config, data, FLAGS.workdir, show_progress=FLAGS.progress,
-      stop_after_epoch=FLAGS.stop_after_epoch,
-  )
-  print(common.format_results(results))
+  with common.user_errors():
+    common.setup()
+    data, data_report = common.age_data()
+    num_classes = common.num_age_classes()
+    weights = (
+        balance.class_weights(data['train']['label'], num_classes)
+        if FLAGS.class_weights
+        else None
+    )
+    config = common.train_config('age', num_classes=num_classes, class_weights=weights)
+    common.write_data_report(FLAGS.workdir, data_report)
+    results = train.train_and_evaluate(
+        config, data, FLAGS.workdir, show_progress=FLAGS.progress,
+        stop_after_epoch=FLAGS.stop_after_epoch,
+    )
+    print(common.format_results(results))
 
 
 if __name__ == '__main__':

@@ -13,21 +13,23 @@ from agejax import host_malloc
 from agejax import train
 from experiments import common
 
+flags.adopt_module_key_flags(common)
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  common.setup()
-  config = common.train_config('fer', num_classes=7)
-  data, data_report = common.fer_data()
-  common.write_data_report(FLAGS.workdir, data_report)
-  results = train.train_and_evaluate(
-      config, data, FLAGS.workdir, show_progress=FLAGS.progress,
-      stop_after_epoch=FLAGS.stop_after_epoch,
-  )
-  print(common.format_results(results, keys=('accuracy', 'macro_f1', 'weighted_f1', 'loss')))
+  with common.user_errors():
+    common.setup()
+    config = common.train_config('fer', num_classes=7)
+    data, data_report = common.fer_data()
+    common.write_data_report(FLAGS.workdir, data_report)
+    results = train.train_and_evaluate(
+        config, data, FLAGS.workdir, show_progress=FLAGS.progress,
+        stop_after_epoch=FLAGS.stop_after_epoch,
+    )
+    print(common.format_results(results, keys=('accuracy', 'macro_f1', 'weighted_f1', 'loss')))
 
 
 if __name__ == '__main__':

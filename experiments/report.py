@@ -48,7 +48,8 @@ from agejax.data import splits as splits_lib
 from agejax.data import utkface_names
 from experiments import run_study
 
-flags.DEFINE_string('out', 'docs', 'Where RESULTS.md, results/ and figures/ go.')
+flags.DEFINE_string(
+    'out', None, "Where RESULTS.md, results/ and figures/ go (the repository's own: docs).")
 DEFAULT_FIGURES = ('fc1', 'baseline', 'ranges11', 'scratch')
 
 flags.DEFINE_list(
@@ -69,6 +70,7 @@ flags.DEFINE_enum(
     'Protocol whose fc1 and ranges11 runs get per-class tables and inline figures.',
 )
 
+flags.adopt_module_key_flags(run_study)
 FLAGS = flags.FLAGS
 
 # The study's published figures: the only numbers in RESULTS.md not read from a run.
@@ -363,6 +365,15 @@ def header_section(study: Study, options: Options) -> str:
     )
   if 'synthetic' in sources:
     lines.append('- **Warning: some runs used synthetic faces; their scores say nothing about UTKFace.**')
+  truncated = sorted(
+      key for key, r in study.runs.items()
+      if r.data_report and r.data_report.get('train_truncated_to')
+  )
+  if truncated:
+    lines.append(
+        f'- **Warning: {", ".join(truncated)} trained on a random subset of the training faces'
+        ' (`--max_train_examples`): smoke runs, not the study\'s experiments.**'
+    )
   return '\n'.join(lines)
 
 
@@ -1051,4 +1062,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  flags.mark_flag_as_required('out')
   app.run(main)

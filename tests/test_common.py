@@ -156,6 +156,44 @@ class SelectModeTest(absltest.TestCase):
     )
 
 
+class UserErrorsTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('freezing_typo', ['--stages=s:1:1e-3:blok1/.*'], "--stages entry 's': Freezing patterns"),
+      ('missing_init_from', ['--stages=s:1:1e-3:paper', '--init_from=/nonexistent/fer'],
+       'No agejax checkpoint under /nonexistent/fer'),
+  )
+  def test_message_without_traceback_and_nothing_written(self, args, message):
+    with tempfile.TemporaryDirectory() as tmp:
+      workdir = pathlib.Path(tmp) / 'run'
+      result = subprocess.run(
+          [sys.executable, '-m', 'experiments.finetune', f'--workdir={workdir}',
+           '--synthetic_train=64', '--synthetic_eval=32', *args],
+          cwd=_ROOT, capture_output=True, text=True, check=False,
+      )
+      self.assertFalse(workdir.exists())
+    self.assertEqual(result.returncode, 1, result.stderr[-2000:])
+    self.assertIn(message, result.stderr)
+    self.assertNotIn('Traceback', result.stderr)
+
+
+_FORMAT_SCRIPT = """
+import json
+from experiments import common
+scores = {'validation': {'accuracy': 0.5}, 'test': {'accuracy': 0.25}}
+print(json.dumps(common.format_results(
+    {'best_epoch': 1, 'epochs_done': 1, 'epochs_planned': 3, **scores}).splitlines()))
+"""
+
+
+class FormatResultsTest(absltest.TestCase):
+
+  def test_stopped_run_says_so(self):
+    lines = _run_script(_FORMAT_SCRIPT)
+    self.assertTrue(lines[0].startswith('Stopped after epoch 1 of 3 (--stop_after_epoch)'), lines)
+    self.assertEqual(lines[1], 'best epoch 1')
+
+
 class ParseStagesTest(parameterized.TestCase):
 
   @parameterized.named_parameters(

@@ -306,6 +306,18 @@ class EmptyStudyTest(absltest.TestCase):
     self.assertEqual(md.count('| not run |'), 2 * 8 + 2 + 3 + 17)
     self.assertIn('- (no finished runs to discuss yet)', md)
 
+  def test_smoke_runs_are_flagged(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      root = pathlib.Path(tmp) / 'runs'
+      _write_run(root, 'dedup/fc1', _results(100, 0.4))
+      _write_run(root, 'dedup/scratch', _results(100, 0.3))
+      report_file = root / 'dedup' / 'fc1' / 'data_report.json'
+      report_file.write_text(json.dumps({'data': 'real', 'train_truncated_to': 256}))
+      study = report.load_study(root)
+      md = report.write_report(study, pathlib.Path(tmp) / 'out', report.Options()).read_text()
+    self.assertIn('- **Warning: dedup/fc1 trained on a random subset of the training faces', md)
+    self.assertNotIn('dedup/scratch trained on', md)
+
   def test_partial_plan_shows_only_its_runs(self):
     plan = run_study.StudyPlan(
         root='runs/part', protocols=('dedup',), experiments=('fc1', 'scratch'), leaky_experiments=()

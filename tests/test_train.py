@@ -223,7 +223,9 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       train.train_and_evaluate(
           _config(), data, tmp, log=lambda _: None, show_progress=False
       )
-      with self.assertRaisesRegex(checkpoints.CheckpointError, 'different config'):
+      with self.assertRaisesRegex(
+          checkpoints.CheckpointError, r'different config \(seed: 0 -> 1\)'
+      ):
         train.train_and_evaluate(
             _config(seed=1), data, tmp, log=lambda _: None, show_progress=False
         )
