@@ -220,13 +220,12 @@ def train_config(task: str, *, num_classes: int, class_weights: np.ndarray | Non
       epoch_mode=FLAGS.epoch_mode,
       history_metrics=_FER_HISTORY if task == 'fer' else config_lib.TrainConfig.history_metrics,
   )
-  _check_before_training(config)
   return config
 
 
-def _check_before_training(config: config_lib.TrainConfig) -> None:
-  """Fails before the run directory is written: a freezing pattern matching nothing, or a
-  missing --init_from checkpoint."""
+def check_before_training(config: config_lib.TrainConfig) -> None:
+  """Fails on what would only fail inside training: a freezing pattern matching nothing, or a
+  missing --init_from checkpoint. Call it before writing to the run directory."""
   params = train.abstract_variables(config.model)['params']
   for stage in config.stages:
     try:
