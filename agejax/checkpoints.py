@@ -69,7 +69,10 @@ class RunCheckpoints:
     Synchronous, unlike `save_latest`: the latest checkpoint that follows
     records this epoch as the best, and a run killed between the two saves
     must not resume with a best score whose variables were never written.
+    It first waits for the previous epoch's latest save, so that at most
+    one best epoch (this one) can be ahead of the latest checkpoint.
     """
+    self._latest.wait_until_finished()
     saved = self._best.save(
         epoch,
         args=ocp.args.Composite(

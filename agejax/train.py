@@ -144,20 +144,28 @@ def _drop_unfinished_best(
   """Deletes best checkpoints of epochs after ``done`` that this run wrote.
 
   A run killed after saving an epoch's best checkpoint and before its latest
-  one leaves a best epoch that its progress does not record; the resumed run
-  trains that epoch again and saves it again. A best epoch written by a run
-  with another config (or by an agejax that did not record it) is not ours
-  to delete: CheckpointError.
+  one leaves a best epoch that its progress does not record (only the epoch
+  after ``done``: `checkpoints.RunCheckpoints.save_best` waits for the
+  previous latest save); the resumed run trains that epoch again and saves it
+  again. Anything else (another run's best epoch, one written by an agejax
+  that did not record its run, or several epochs, e.g. after ``latest/`` was
+  deleted by hand) is not ours to delete: CheckpointError.
   """
   ahead = [e for e in ckpts.best_epochs() if e > done]
   if not ahead:
     return
   identity = training_identity(run_config)
   best = workdir / 'checkpoints' / checkpoints.BEST
-  if any(ckpts.best_meta(e).get('run') != identity for e in ahead):
+
+  def ours(epoch: int) -> bool:
+    saved = ckpts.best_meta(epoch).get('run')
+    return saved is not None and training_identity(saved) == identity
+
+  if ahead != [done + 1] or not ours(ahead[0]):
     raise checkpoints.CheckpointError(
-        f'{best} holds best epoch(s) {ahead} of another run, after the last'
-        f' epoch this run completed ({done}); this run would report them as its'
+        f'{best} holds best epoch(s) {ahead}, after the last epoch whose latest'
+        f' checkpoint exists ({done}): another run\'s, or a run whose latest'
+        ' checkpoint is gone. This run cannot resume it and would report it as its'
         f' own. Move {workdir / "checkpoints"} aside to start over, or choose a'
         ' new --workdir.'
     )

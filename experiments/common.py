@@ -223,29 +223,30 @@ def train_config(task: str, *, num_classes: int, class_weights: np.ndarray | Non
   return config
 
 
-def check_before_training(config: config_lib.TrainConfig) -> None:
+def check_before_training(config: config_lib.TrainConfig, workdir: str) -> None:
   """Fails on what would only fail inside training: a freezing pattern matching nothing, or a
-  missing --init_from checkpoint. Call it before writing to the run directory."""
+  missing --init_from checkpoint for a new run (a resumed one does not read it). Call it
+  before writing to the run directory."""
   params = train.abstract_variables(config.model)['params']
   for stage in config.stages:
     try:
       freezing.param_labels(params, stage.freeze)
     except ValueError as e:
       raise flags.ValidationError(f'--stages entry {stage.name!r}: {e}') from e
-  if config.init_from:
+  latest = pathlib.Path(workdir) / 'checkpoints' / checkpoints.LATEST
+  resuming = latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
+  if config.init_from and not resuming:
     checkpoints.best_dir(config.init_from)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-  """Turns errors a user can fix (flags, data, checkpoints) into usage errors.
-
-  absl then prints the message alone, without a traceback.
-  """
+  """Ends the program with just the message of an error a user can fix (flags, data,
+  checkpoints): no traceback, and no flag list before it."""
   try:
     yield
   except (flags.ValidationError, DataError, checkpoints.CheckpointError) as e:
-    raise app.UsageError(str(e)) from e
+    raise SystemExit(f'Error: {e}') from e
 
 
 def _truncate(splits: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:

@@ -31,7 +31,7 @@ def main(argv):
         else None
     )
     config = common.train_config('age', num_classes=num_classes, class_weights=weights)
-    common.check_before_training(config)
+    common.check_before_training(config, FLAGS.workdir)
     common.write_data_report(FLAGS.workdir, data_report)
     results = train.train_and_evaluate(
         config, data, FLAGS.workdir, show_progress=FLAGS.progress,

@@ -23,7 +23,7 @@ def main(argv):
   with common.user_errors():
     common.setup()
     config = common.train_config('fer', num_classes=7)
-    common.check_before_training(config)
+    common.check_before_training(config, FLAGS.workdir)
     data, data_report = common.fer_data()
     common.write_data_report(FLAGS.workdir, data_report)
     results = train.train_and_evaluate(

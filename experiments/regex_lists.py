@@ -119,7 +119,7 @@ def join_entries(entries: Sequence[str]) -> str:
   an unclosed bracket) are quoted, CSV-style.
   """
   def plain(entry: str) -> bool:
-    if '"' in entry or entry != entry.strip():
+    if not entry or '"' in entry or entry != entry.strip():
       return False
     try:
       return _top_level_end(entry, 0, ',') == len(entry)

@@ -177,6 +177,37 @@ class UserErrorsTest(parameterized.TestCase):
     self.assertNotIn('Traceback', result.stderr)
 
 
+_INIT_FROM_SCRIPT = """
+import json, pathlib, sys
+from absl import flags
+from agejax import checkpoints
+from experiments import common
+flags.FLAGS(['prog', '--stages=s:1:1e-3:paper', '--init_from=/nonexistent/fer'])
+config = common.train_config('age', num_classes=100)
+workdir = pathlib.Path(sys.argv[1])
+out = []
+for resuming in (False, True):
+  if resuming:
+    (workdir / 'checkpoints' / 'latest' / '3').mkdir(parents=True)
+  try:
+    common.check_before_training(config, str(workdir))
+    out.append('ok')
+  except checkpoints.CheckpointError as e:
+    out.append(str(e)[:40])
+print(json.dumps(out))
+"""
+
+
+class CheckBeforeTrainingTest(absltest.TestCase):
+
+  def test_init_from_is_needed_only_by_a_new_run(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      self.assertEqual(
+          _run_script(_INIT_FROM_SCRIPT, tmp),
+          ['No agejax checkpoint under /nonexistent/', 'ok'],
+      )
+
+
 _FORMAT_SCRIPT = """
 import json
 from experiments import common

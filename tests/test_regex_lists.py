@@ -78,6 +78,7 @@ class EntriesTest(parameterized.TestCase):
       ('regex', [r'a:1:0.1:x\d{1,2}/.*', 'b:2:0.1:(c|d)']),
       ('comma_path', ['--manual_dir=/data, v2', '--batch_size=64']),
       ('quotes_and_spaces', ['say "hi"', ' padded ', 'a{']),
+      ('empty_entries', ['', 'a', '']),
   )
   def test_join_reads_back(self, entries):
     self.assertEqual(regex_lists.split_entries(regex_lists.join_entries(entries)), entries)

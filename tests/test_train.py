@@ -125,6 +125,12 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       self.assertEqual(ckpts.best_epoch(), epoch)  # the best save of that epoch happened
       ckpts.close()
       lines = []
+      if epoch > 1:  # the best epoch before it is still there
+        partial = train.train_and_evaluate(
+            config_, data, tmp, log=lines.append, show_progress=False,
+            stop_after_epoch=epoch - 1,
+        )
+        self.assertEqual(partial['best_epoch'], epoch - 1)
       resumed = train.train_and_evaluate(
           config_, data, tmp, log=lines.append, show_progress=False
       )
@@ -239,11 +245,21 @@ class TrainAndEvaluateTest(parameterized.TestCase):
           _config(), data, tmp, log=lambda _: None, show_progress=False
       )
       shutil.rmtree(pathlib.Path(tmp) / 'checkpoints' / checkpoints.LATEST)
-      with self.assertRaisesRegex(checkpoints.CheckpointError, r'best epoch\(s\) \[\d\] of another run'):
+      with self.assertRaisesRegex(checkpoints.CheckpointError, "another run's, or a run whose latest"):
         train.train_and_evaluate(
             _config(seed=1), data, tmp, log=lambda _: None, show_progress=False
         )
       self.assertTrue((pathlib.Path(tmp) / 'checkpoints' / checkpoints.BEST).is_dir())
+
+  def test_same_config_beside_a_finished_runs_best_checkpoints_raises(self):
+    # Several best epochs ahead of the (deleted) latest checkpoint: not a kill.
+    data = _data()
+    config_ = _config(select_metric='mae_expected', select_mode='min')  # best at 2 and 3
+    with tempfile.TemporaryDirectory() as tmp:
+      train.train_and_evaluate(config_, data, tmp, log=lambda _: None, show_progress=False)
+      shutil.rmtree(pathlib.Path(tmp) / 'checkpoints' / checkpoints.LATEST)
+      with self.assertRaisesRegex(checkpoints.CheckpointError, r'best epoch\(s\) \[2, 3\]'):
+        train.train_and_evaluate(config_, data, tmp, log=lambda _: None, show_progress=False)
 
   def test_transfer_from_a_checkpoint_reports_and_trains(self):
     fer_model = config.ModelConfig(
