@@ -93,12 +93,7 @@ class RunCheckpoints:
 
   def best_meta(self, epoch: int) -> dict[str, Any]:
     """The JSON metadata saved with the best checkpoint of ``epoch``."""
-    try:
-      return self._best.restore(
-          epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-      )['meta']
-    except Exception as e:  # Orbax and TensorStore raise many types here.
-      raise _unreadable(self.directory / BEST, epoch, e) from e
+    return _restore_json(self._best, epoch, 'meta', self.directory / BEST)
 
   def delete_best(self, epoch: int) -> None:
     """Deletes the best checkpoint of ``epoch``."""
@@ -109,12 +104,7 @@ class RunCheckpoints:
     step = self._latest.latest_step()
     if step is None:
       return None
-    try:
-      return self._latest.restore(
-          step, args=ocp.args.Composite(progress=ocp.args.JsonRestore())
-      )['progress']
-    except Exception as e:  # Orbax and TensorStore raise many types here.
-      raise _unreadable(self.directory / LATEST, step, e) from e
+    return _restore_json(self._latest, step, 'progress', self.directory / LATEST)
 
   def restore_latest(self, abstract_state: Any) -> Any:
     """Restores the latest train state into ``abstract_state``'s structure."""
@@ -154,6 +144,27 @@ def _unreadable(where: pathlib.Path, step: int, e: Exception) -> CheckpointError
       ' it is incomplete or damaged. Rerun the training that wrote it, in a new'
       f' run directory or after moving {where.parent} aside.'
   )
+
+
+def _restore_json(
+    manager: ocp.CheckpointManager, step: int, item: str, where: pathlib.Path
+) -> Any:
+  """The JSON ``item`` of checkpoint ``step``; CheckpointError if it cannot be read."""
+  try:
+    return manager.restore(
+        step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+    )[item]
+  except Exception as e:  # Orbax and TensorStore raise many types here.
+    raise _unreadable(where, step, e) from e
+
+
+def has_latest(directory: str | pathlib.Path) -> bool:
+  """Whether a run's checkpoint ``directory`` holds a latest checkpoint to resume.
+
+  Reads the folder names only (`RunCheckpoints` would create the folders).
+  """
+  latest = pathlib.Path(directory) / LATEST
+  return latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
 
 
 def _restore(
@@ -217,11 +228,7 @@ def load_meta(path: str | pathlib.Path) -> dict[str, Any]:
   manager = _manager(directory, ('variables', 'meta'))
   step = manager.best_step() or manager.latest_step()
   try:
-    return manager.restore(
-        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-    )['meta']
-  except Exception as e:  # Orbax and TensorStore raise many types here.
-    raise _unreadable(directory, step, e) from e
+    return _restore_json(manager, step, 'meta', directory)
   finally:
     manager.close()
 

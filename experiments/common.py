@@ -233,9 +233,7 @@ def check_before_training(config: config_lib.TrainConfig, workdir: str) -> None:
       freezing.param_labels(params, stage.freeze)
     except ValueError as e:
       raise flags.ValidationError(f'--stages entry {stage.name!r}: {e}') from e
-  latest = pathlib.Path(workdir) / 'checkpoints' / checkpoints.LATEST
-  resuming = latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
-  if config.init_from and not resuming:
+  if config.init_from and not checkpoints.has_latest(pathlib.Path(workdir) / 'checkpoints'):
     checkpoints.best_dir(config.init_from)
 
 
