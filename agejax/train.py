@@ -410,7 +410,8 @@ def _check_score_names(
   scores, _ = evaluate_lib.evaluate(
       state, probe, config=config.step, batch_size=config.eval_batch_size, mesh=mesh
   )
-  names = sorted(k for k in scores if k != 'per_class')
+  # 'count' is the number of examples, the same for every epoch: no score.
+  names = sorted(k for k in scores if k not in ('per_class', 'count'))
   unknown = [
       f'{field} {name!r}'
       for field, wanted in (

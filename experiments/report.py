@@ -320,7 +320,10 @@ def _label_names(num_classes: int) -> list[str]:
 def _stage_plan(run: Run) -> str:
   if run.config is None:
     return 'no config.json'
-  plan = ' + '.join(f'{s["name"]} {s["epochs"]}' for s in run.config['stages'])
+  plan = ' + '.join(
+      f'{s["name"]} {s["epochs"]} epoch{"" if s["epochs"] == 1 else "s"}'
+      for s in run.config['stages']
+  )
   done, planned = run.results.get('epochs_done'), run.results.get('epochs_planned')
   if done is not None and done < planned:
     plan += f' (stopped after {done} of {planned} epochs: --stop_after_epoch)'
@@ -332,7 +335,7 @@ def header_section(study: Study, options: Options) -> str:
   plans = collections.defaultdict(list)
   for run in study.runs.values():
     plans[_stage_plan(run)].append(run.key)
-  plan_lines = [f'  - {plan} epochs: {", ".join(keys)}' for plan, keys in sorted(plans.items())]
+  plan_lines = [f'  - {plan}: {", ".join(keys)}' for plan, keys in sorted(plans.items())]
   hours = sum(h.get('seconds', 0.0) for r in study.runs.values() for h in r.results['history']) / 3600
   sources = sorted({
       str(r.data_report.get('data', 'unknown')) for r in study.runs.values() if r.data_report

@@ -128,6 +128,7 @@ class ReportTest(parameterized.TestCase):
       ('per_class_undefined_first', '| 0–9 | – (0) | 0.009 ('),
       ('range_row', '| 65+ | 0.900 | 0.900 | 0.900 |'),
       ('hardware', '- Hardware: test box'),
+      ('stage_plan', '  - stage1 2 epochs: '),
       ('weighted_recall_note', 'wR is the accuracy by definition'),
       ('near_duplicate_policy', '- `dedup` split: `--near_duplicates=keep` (keep: only byte-identical'),
       ('discussion', '<!-- discussion -->'),
@@ -138,6 +139,16 @@ class ReportTest(parameterized.TestCase):
   )
   def test_markdown_contains(self, expected):
     self.assertIn(expected, self.md)
+
+  @parameterized.named_parameters(
+      ('one_epoch', [1, 3], {}, 's1 1 epoch + s2 3 epochs'),
+      ('stopped', [2, 2], {'epochs_done': 3, 'epochs_planned': 4},
+       's1 2 epochs + s2 2 epochs (stopped after 3 of 4 epochs: --stop_after_epoch)'),
+  )
+  def test_stage_plan(self, epochs, results, expected):
+    stages = [{'name': f's{i + 1}', 'epochs': e} for i, e in enumerate(epochs)]
+    run = report.Run('dedup/fc1', pathlib.Path('.'), results, {'stages': stages}, None)
+    self.assertEqual(report._stage_plan(run), expected)
 
   def test_ranges_row_leaves_tol3_blank(self):
     row = next(line for line in self.md.splitlines() if line.startswith('| ranges11 (11 ranges) |'))

@@ -286,6 +286,7 @@ class TrainAndEvaluateTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ('select_metric', {'select_metric': 'nope'}, "select_metric 'nope'"),
       ('history_metrics', {'history_metrics': ('accuracy', 'mea')}, "history_metrics 'mea'"),
+      ('count_is_no_score', {'select_metric': 'count'}, "select_metric 'count'"),
   )
   def test_unknown_score_name_raises_before_training(self, fields, message):
     with tempfile.TemporaryDirectory() as tmp:
