@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from agejax import conv as conv_lib
+from agejax import dropout as dropout_lib
 
 FER_DENSE_UNITS = (512, 256)
 AGE_DENSE_UNITS = (512, 512, 256)
@@ -43,8 +44,8 @@ class CNN(nn.Module):
       Keras: they use, and never update, their running statistics.
     bn_momentum: Decay of the BatchNorm running statistics. Keras' 0.99 needs
       a few hundred steps to settle; short runs want about 0.9.
-    conv_impl: Convolution and max-pooling implementation (``'auto'``,
-      ``'lax'`` or ``'matmul'``), resolved per pass by
+    conv_impl: Convolution, max-pooling and dropout implementation
+      (``'auto'``, ``'lax'`` or ``'matmul'``), resolved per pass by
       `agejax.conv.resolve_impl`.
     dtype: Computation dtype (``jnp.bfloat16`` for mixed precision). Parameters
       and BatchNorm statistics are always float32.
@@ -76,6 +77,8 @@ class CNN(nn.Module):
     # Same values and gradients as nn.max_pool(x, (2, 2), strides=(2, 2));
     # on CPU its backward pass avoids select_and_scatter (see agejax.conv).
     max_pool = conv_lib.max_pool_for(impl, (2, 2))
+    # flax's masks either way; on CPU drawn by a hash XLA fuses (agejax.dropout).
+    dropout = dropout_lib.dropout_for(impl)
     for b, filters in enumerate(self.conv_filters, start=1):
       for c, features in enumerate(filters, start=1):
         x = nn.Conv(
@@ -89,13 +92,13 @@ class CNN(nn.Module):
         x = nn.relu(x)
         x = self._batch_norm(f'block{b}/bn{c}', train)(x)
       x = max_pool(x)
-      x = nn.Dropout(self.conv_dropout, deterministic=not train)(x)
+      x = dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
     for d, units in enumerate(self.dense_units, start=1):
       x = nn.Dense(units, dtype=self.dtype, name=f'head/dense{d}')(x)
       x = nn.relu(x)
       x = self._batch_norm(f'head/bn{d}', train)(x)
-      x = nn.Dropout(self.dense_dropout, deterministic=not train)(x)
+      x = dropout(self.dense_dropout, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
     return x.astype(jnp.float32)
 

@@ -11,18 +11,22 @@ choices and for the training-speed ceiling, so they live here, runnable:
       ``lax``, agejax's ``'matmul'`` path (Winograd's both ways from 32 input
       channels up) and `agejax.conv.winograd_conv_valid` in both
       directions, with the Winograd error against ``lax``.
+  python -m benchmarks.cpu_paths --what=dropout --batch_size=64
+      The study network's dropout inputs, flax's layer against `agejax.dropout`'s
+      (the same masks; the hash written out instead of JAX's rolled loop).
   python -m benchmarks.cpu_paths --what=eval --batch_sizes=64,128,256,512
       `agejax.steps.eval_step` of the study's age network with
       ``conv_impl='matmul'`` vs ``'lax'``, interleaved in one process: where
       `agejax.conv.resolve_impl` switches inference to ``lax``.
-  python -m benchmarks.cpu_paths --what=train --batch_sizes=64,256
+  python -m benchmarks.cpu_paths --what=train --batch_sizes=64,256 [--variants=...]
       `agejax.steps.train_step`, interleaved in one process, as shipped and
       with one choice undone: Winograd's backward by ``jax.vjp`` of its
       forward instead of written out, without Winograd's forward, backward or both,
       with the forward on YNNPACK (no Winograd, no Eigen padding), with
       YNNPACK off for the step, with Winograd's 16 tiles stacked at once
       instead of as four stacks of four, with Winograd for float32 only
-      (add ``--dtype=bfloat16`` to train in bfloat16).
+      (add ``--dtype=bfloat16`` to train in bfloat16), with flax's own
+      dropout layer (the same masks, JAX's threefry).
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
       CPU time spent in the kernel, minor page faults per step and the
@@ -57,6 +61,7 @@ from unittest import mock
 
 from absl import app
 from absl import flags
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -64,17 +69,18 @@ import numpy as np
 
 from agejax import config as config_lib
 from agejax import conv
+from agejax import dropout
 from agejax import host_malloc
 from agejax import steps
 
 _WHAT = flags.DEFINE_enum(
     'what',
     'layers',
-    ['peak', 'layers', 'eval', 'train', 'host', 'flops', 'profile'],
+    ['peak', 'layers', 'dropout', 'eval', 'train', 'host', 'flops', 'profile'],
     'Which measurement.',
 )
 _BATCH_SIZE = flags.DEFINE_integer(
-    'batch_size', 64, 'Batch size for --what=layers and --what=profile.'
+    'batch_size', 64, 'Batch size for --what=layers, dropout and profile.'
 )
 _TOP = flags.DEFINE_integer('top', 30, 'Rows of each --what=profile table.')
 _DTYPE = flags.DEFINE_enum(
@@ -91,6 +97,12 @@ _HOST_MALLOC = flags.DEFINE_enum(
     ' freed memory, as the experiments do, or the system default.',
 )
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed repeats.')
+_VARIANTS = flags.DEFINE_list(
+    'variants',
+    [],
+    "Columns of --what=train (default: all), comma-separated and quoted, e.g."
+    " --variants='shipped,flax Dropout'.",
+)
 
 # The study network's convolutions: (input height = width, C_in, C_out).
 LAYERS = ((48, 1, 32), (46, 32, 64), (22, 64, 128), (20, 128, 128), (9, 128, 128), (7, 128, 256))
@@ -113,6 +125,25 @@ def lax_conv(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def agejax_conv(x: jax.Array, w: jax.Array) -> jax.Array:
   return conv.matmul_conv_general_dilated(x, w, (1, 1), 'VALID', dimension_numbers=_NHWC)
+
+
+# The study network's dropout inputs per image, and their rates.
+DROPOUTS = (((22, 22, 64), 0.25), ((9, 9, 128), 0.25), ((2, 2, 256), 0.25), ((512,), 0.5), ((256,), 0.5))
+
+
+def _dropout(batch_size: int, repeats: int) -> None:
+  print(f'ms, dropout layer forward (batch {batch_size}), min of {repeats}')
+  print('| input | flax Dropout | agejax Dropout | same output |\n|---|---|---|---|')
+  key = jax.random.PRNGKey(2)
+  for shape, rate in DROPOUTS:
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch_size, *shape))
+    outs, ms = [], []
+    for layer in (nn.Dropout, dropout.Dropout):
+      fn = jax.jit(lambda x, key, layer=layer: layer(rate, deterministic=False).apply({}, x, rngs={'dropout': key}))
+      ms.append(min(_time(fn, x, key, repeats=repeats)) * 1e3)
+      outs.append(fn(x, key))
+    same = bool(jnp.array_equal(*outs))
+    print(f'| {"x".join(map(str, shape))}, rate {rate} | {ms[0]:.1f} | {ms[1]:.1f} | {same} |')
 
 
 def _peak(repeats: int) -> None:
@@ -212,29 +243,38 @@ def _flat_stack_16(groups: Sequence[Sequence[jax.Array]]) -> jax.Array:
   return jnp.stack(pieces).reshape(4, 4, *pieces[0].shape)
 
 
-# --what=train: each variant undoes one of agejax.conv's CPU choices.
+# --what=train: each variant undoes one of agejax's CPU choices, by patching
+# module attributes ({module: {name: value}}) and/or XLA compiler options.
 _TRAIN_VARIANTS = {
     'shipped': ({}, None),
-    'Winograd tiles as one stack of 16': ({'_stack_4x4': _flat_stack_16}, None),
-    'Winograd backward by jax.vjp': ({'winograd_conv_valid_vjp': _winograd_autodiff_vjp}, None),
-    'no Winograd forward': ({'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9}, None),
-    'no Winograd backward': ({'_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9}, None),
+    'Winograd tiles as one stack of 16': ({conv: {'_stack_4x4': _flat_stack_16}}, None),
+    'Winograd backward by jax.vjp': (
+        {conv: {'winograd_conv_valid_vjp': _winograd_autodiff_vjp}},
+        None,
+    ),
+    'no Winograd forward': ({conv: {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9}}, None),
+    'no Winograd backward': ({conv: {'_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9}}, None),
     'no Winograd': (
-        {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9, '_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9},
+        {conv: {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9, '_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9}},
         None,
     ),
     'YNNPACK forward': (
-        {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9, '_EIGEN_FORWARD_MIN_OUT_ROWS': 10**9},
+        {conv: {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9, '_EIGEN_FORWARD_MIN_OUT_ROWS': 10**9}},
         None,
     ),
     'YNNPACK off': ({}, {'xla_cpu_experimental_ynn_fusion_type': ''}),
     # Only differs from 'shipped' under --dtype=bfloat16.
-    'Winograd float32 only': ({'_WINOGRAD_DTYPES': (jnp.float32,)}, None),
+    'Winograd float32 only': ({conv: {'_WINOGRAD_DTYPES': (jnp.float32,)}}, None),
+    # The same masks, drawn by JAX's threefry (a rolled loop on the CPU).
+    'flax Dropout': ({dropout: {'Dropout': nn.Dropout}}, None),
 }
 
 
-def _train(batch_sizes: Sequence[int], repeats: int) -> None:
-  names = list(_TRAIN_VARIANTS)
+def _train(batch_sizes: Sequence[int], repeats: int, names: Sequence[str]) -> None:
+  names = list(dict.fromkeys(names))
+  unknown = set(names) - set(_TRAIN_VARIANTS)
+  if unknown:
+    raise app.UsageError(f'Unknown --variants {sorted(unknown)}; choose from {list(_TRAIN_VARIANTS)}.')
   print(f'images/s, steps.train_step ({_DTYPE.value}), median of {repeats} interleaved')
   print('| batch | ' + ' | '.join(names) + ' |\n' + '|---' * (len(names) + 1) + '|')
   rng = np.random.default_rng(0)
@@ -242,10 +282,12 @@ def _train(batch_sizes: Sequence[int], repeats: int) -> None:
   for batch_size in batch_sizes:
     batch = _batch(batch_size, rng)
     runs = {}
-    for name, (thresholds, compiler_options) in _TRAIN_VARIANTS.items():
+    for name in names:
+      patches, compiler_options = _TRAIN_VARIANTS[name]
       state = [_state(dtype=_DTYPE.value)]
-      patch = mock.patch.multiple(conv, **thresholds) if thresholds else contextlib.nullcontext()
-      with patch:
+      with contextlib.ExitStack() as stack:
+        for module, attributes in patches.items():
+          stack.enter_context(mock.patch.multiple(module, **attributes))
         compiled = steps.train_step.lower(state[0], batch, key).compile(compiler_options)
 
       def run(compiled=compiled, state=state) -> None:
@@ -371,10 +413,12 @@ def main(argv: Sequence[str]) -> None:
     _peak(_REPEATS.value)
   elif _WHAT.value == 'layers':
     _layers(_BATCH_SIZE.value, _REPEATS.value)
+  elif _WHAT.value == 'dropout':
+    _dropout(_BATCH_SIZE.value, _REPEATS.value)
   elif _WHAT.value == 'eval':
     _eval([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
   elif _WHAT.value == 'train':
-    _train([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
+    _train([int(b) for b in _BATCH_SIZES.value], _REPEATS.value, _VARIANTS.value or list(_TRAIN_VARIANTS))
   elif _WHAT.value == 'host':
     _host([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
   elif _WHAT.value == 'profile':
