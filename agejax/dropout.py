@@ -102,6 +102,11 @@ def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
   shape = tuple(int(d) for d in shape)
   if math.prod(shape) >= 2**32:
     raise ValueError(f'random_bits supports fewer than 2**32 values, got {shape}.')
+  return _hashed_counters(data, shape)
+
+
+def _hashed_counters(data: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Each element's row-major index hashed with the key words ``data``."""
   counts = lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   bits1, bits2 = threefry2x32(data[0], data[1], jnp.zeros_like(counts), counts)
   return bits1 ^ bits2
@@ -133,7 +138,7 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
     return jax.random.bernoulli(key, p, shape)
   # uniform = (bits >> 9) * 2**-23 exactly, so `uniform < p` compares integers.
   threshold = math.ceil(float(np.float32(p)) * 2**_MANTISSA_BITS)
-  mantissas = random_bits(key, shape) >> np.uint32(32 - _MANTISSA_BITS)
+  mantissas = _hashed_counters(data, shape) >> np.uint32(32 - _MANTISSA_BITS)
   return mantissas < np.uint32(threshold)
 
 
