@@ -136,24 +136,10 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
       or math.prod(shape) >= 2**32
   ):
     return jax.random.bernoulli(key, p, shape)
-  # uniform = (bits >> 9) * 2**-23 exactly, so `uniform < p` compares the
-  # mantissas with an integer threshold, both exact in float32.
+  # uniform = (bits >> 9) * 2**-23 exactly, so `uniform < p` compares integers.
   threshold = math.ceil(float(np.float32(p)) * 2**_MANTISSA_BITS)
   mantissas = _hashed_counters(data, shape) >> np.uint32(32 - _MANTISSA_BITS)
-  return _computed_once(mantissas.astype(jnp.float32)) < np.float32(threshold)
-
-
-def _computed_once(mantissas: jax.Array) -> jax.Array:
-  """``mantissas`` (floats below 2**23), which XLA then computes only once.
-
-  XLA copies cheap elementwise producers into every consumer, so without
-  this the hash ran again in each of the mask's consumers (the forward
-  select, the next layer's input transform, four pooling-gradient taps).
-  A float remainder is an operation XLA will not duplicate; by 2**24 it is
-  the identity here. Measured: 2-3 % of the study's CPU training step
-  (docs/PERFORMANCE.md).
-  """
-  return lax.rem(mantissas, np.float32(2**24))
+  return mantissas < np.uint32(threshold)
 
 
 class Dropout(nn.Dropout):

@@ -12,7 +12,7 @@ dense layer is followed by ReLU and *then* BatchNorm.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from agejax import conv as conv_lib
 from agejax import dropout as dropout_lib
-from agejax import relu_batch_norm as relu_bn_lib
 
 FER_DENSE_UNITS = (512, 256)
 AGE_DENSE_UNITS = (512, 512, 256)
@@ -90,24 +89,21 @@ class CNN(nn.Module):
             conv_general_dilated=conv_fn,
             name=f'block{b}/conv{c}',
         )(x)
-        x = self._relu_batch_norm(impl, f'block{b}/bn{c}', train)(x)
+        x = nn.relu(x)
+        x = self._batch_norm(f'block{b}/bn{c}', train)(x)
       x = max_pool(x)
       x = dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
     for d, units in enumerate(self.dense_units, start=1):
       x = nn.Dense(units, dtype=self.dtype, name=f'head/dense{d}')(x)
-      x = self._relu_batch_norm(impl, f'head/bn{d}', train)(x)
+      x = nn.relu(x)
+      x = self._batch_norm(f'head/bn{d}', train)(x)
       x = dropout(self.dense_dropout, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
     return x.astype(jnp.float32)
 
-  def _relu_batch_norm(
-      self, impl: str, name: str, train: bool
-  ) -> Callable[[jax.Array], jax.Array]:
-    # flax's layers either way; on CPU one layer whose backward pass is
-    # written out (agejax.relu_batch_norm).
-    return relu_bn_lib.relu_batch_norm_for(
-        impl,
+  def _batch_norm(self, name: str, train: bool) -> nn.BatchNorm:
+    return nn.BatchNorm(
         use_running_average=not train or name in self.frozen_bn,
         momentum=self.bn_momentum,
         epsilon=_BN_EPSILON,

@@ -26,10 +26,7 @@ choices and for the training-speed ceiling, so they live here, runnable:
       YNNPACK off for the step, with Winograd's 16 tiles stacked at once
       instead of as four stacks of four, with Winograd for float32 only
       (add ``--dtype=bfloat16`` to train in bfloat16), with flax's own
-      dropout layer (the same masks, JAX's threefry), with the dropout
-      mask's hash copied into each of its consumers, with ``nn.relu`` and
-      ``nn.BatchNorm`` differentiated by JAX instead of
-      `agejax.relu_batch_norm`.
+      dropout layer (the same masks, JAX's threefry).
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
       CPU time spent in the kernel, minor page faults per step and the
@@ -74,7 +71,6 @@ from agejax import config as config_lib
 from agejax import conv
 from agejax import dropout
 from agejax import host_malloc
-from agejax import relu_batch_norm
 from agejax import steps
 
 _WHAT = flags.DEFINE_enum(
@@ -247,14 +243,6 @@ def _flat_stack_16(groups: Sequence[Sequence[jax.Array]]) -> jax.Array:
   return jnp.stack(pieces).reshape(4, 4, *pieces[0].shape)
 
 
-def _flax_relu_batch_norm(
-    impl: str, _relu_batch_norm_for=relu_batch_norm.relu_batch_norm_for, **kwargs: Any
-) -> Callable[[jax.Array], jax.Array]:
-  """`relu_batch_norm.relu_batch_norm_for` as ``'lax'`` resolves it, for every ``impl``."""
-  del impl
-  return _relu_batch_norm_for('lax', **kwargs)
-
-
 # --what=train: each variant undoes one of agejax's CPU choices, by patching
 # module attributes ({module: {name: value}}) and/or XLA compiler options.
 _TRAIN_VARIANTS = {
@@ -279,13 +267,6 @@ _TRAIN_VARIANTS = {
     'Winograd float32 only': ({conv: {'_WINOGRAD_DTYPES': (jnp.float32,)}}, None),
     # The same masks, drawn by JAX's threefry (a rolled loop on the CPU).
     'flax Dropout': ({dropout: {'Dropout': nn.Dropout}}, None),
-    # The same masks, their hash left for XLA to copy into every consumer.
-    'mask hash in every consumer': ({dropout: {'_computed_once': lambda m: m}}, None),
-    # nn.relu then nn.BatchNorm, differentiated by JAX.
-    'flax ReLU and BatchNorm': (
-        {relu_batch_norm: {'relu_batch_norm_for': _flax_relu_batch_norm}},
-        None,
-    ),
 }
 
 
