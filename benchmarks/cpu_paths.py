@@ -26,7 +26,8 @@ choices and for the training-speed ceiling, so they live here, runnable:
       YNNPACK off for the step, with Winograd's 16 tiles stacked at once
       instead of as four stacks of four, with Winograd for float32 only
       (add ``--dtype=bfloat16`` to train in bfloat16), with flax's own
-      dropout layer (the same masks, JAX's threefry).
+      dropout layer (the same masks, JAX's threefry); and with XLA:CPU's
+      experimental oneDNN fusion of every dot, not adopted.
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
       CPU time spent in the kernel, minor page faults per step and the
@@ -267,6 +268,15 @@ _TRAIN_VARIANTS = {
     'Winograd float32 only': ({conv: {'_WINOGRAD_DTYPES': (jnp.float32,)}}, None),
     # The same masks, drawn by JAX's threefry (a rolled loop on the CPU).
     'flax Dropout': ({dropout: {'Dropout': nn.Dropout}}, None),
+    # Not a choice undone: XLA:CPU's experimental oneDNN fusion of every dot,
+    # measured and not adopted (eval_step aborts under it; PERFORMANCE.md).
+    'oneDNN dots': (
+        {},
+        {
+            'xla_cpu_use_onednn': True,
+            'xla_cpu_experimental_onednn_fusion_type': 'LIBRARY_FUSION_TYPE_DOT',
+        },
+    ),
 }
 
 
