@@ -27,7 +27,9 @@ choices and for the training-speed ceiling, so they live here, runnable:
       instead of as four stacks of four, with Winograd for float32 only
       (add ``--dtype=bfloat16`` to train in bfloat16), with flax's own
       dropout layer (the same masks, JAX's threefry); and with XLA:CPU's
-      experimental oneDNN fusion of every dot, not adopted.
+      experimental oneDNN fusion of every dot, not adopted (where that
+      fusion fails to compile it aborts the process: leave the column out
+      with ``--variants``).
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
       CPU time spent in the kernel, minor page faults per step and the
