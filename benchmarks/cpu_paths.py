@@ -5,12 +5,16 @@ custom-VJP ``'matmul'`` path. These measurements are the evidence for those
 choices and for the training-speed ceiling, so they live here, runnable:
 
   python -m benchmarks.cpu_paths --what=peak
-      XLA:CPU's fp32 matmul throughput (GFLOP/s), the machine's ceiling.
+      The machine's two ceilings: XLA:CPU's fp32 matmul throughput (GFLOP/s)
+      and its memory throughput (GB/s of an elementwise loop, 4-256 MiB).
   python -m benchmarks.cpu_paths --what=layers --batch_size=64
       Each study convolution layer, forward and forward + both gradients, as
       ``lax``, agejax's ``'matmul'`` path (Winograd's both ways from 32 input
       channels up) and `agejax.conv.winograd_conv_valid` in both
       directions, with the Winograd error against ``lax``.
+  python -m benchmarks.cpu_paths --what=gradients --batch_size=64
+      Each gradient of each layer that takes Winograd's backward pass,
+      alone and together, by Winograd and by agejax's other paths.
   python -m benchmarks.cpu_paths --what=dropout --batch_size=64
       The study network's dropout inputs, flax's layer against `agejax.dropout`'s
       (the same masks; the hash written out instead of JAX's rolled loop).
@@ -21,23 +25,26 @@ choices and for the training-speed ceiling, so they live here, runnable:
   python -m benchmarks.cpu_paths --what=train --batch_sizes=64,256 [--variants=...]
       `agejax.steps.train_step`, interleaved in one process, as shipped and
       with one choice undone: Winograd's backward by ``jax.vjp`` of its
-      forward instead of written out, without Winograd's forward, backward or both,
-      with the forward on YNNPACK (no Winograd, no Eigen padding), with
-      YNNPACK off for the step, with Winograd's 16 tiles stacked at once
-      instead of as four stacks of four, with Winograd for float32 only
+      forward instead of written out, without Winograd's forward, backward
+      or both, with the forward on YNNPACK (no Winograd, no Eigen padding),
+      with YNNPACK off for the step, with Winograd's 16 tiles stacked at
+      once instead of as four stacks of four, with Winograd for float32 only
       (add ``--dtype=bfloat16`` to train in bfloat16), with flax's own
-      dropout layer (the same masks, JAX's threefry); and with XLA:CPU's
-      experimental oneDNN fusion of every dot, not adopted (where that
-      fusion fails to compile it aborts the process: leave the column out
-      with ``--variants``).
+      dropout layer (the same masks, JAX's threefry). Also ideas measured
+      and not adopted: the 46x46x32 layer's Winograd backward in a
+      `lax.scan` over 4 images at a time; two other settings of XLA:CPU's
+      YNNPACK fusion; and XLA:CPU's experimental oneDNN fusion of every dot
+      (where that fusion fails to compile it aborts the process: leave the
+      column out with ``--variants``).
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
       CPU time spent in the kernel, minor page faults per step and the
       process's peak RSS.
-  python -m benchmarks.cpu_paths --what=profile --batch_size=64 --repeats=8
-      Where one `agejax.steps.train_step` spends its time: a `jax.profiler`
-      trace of ``--repeats`` steps, each XLA:CPU operation's time per step
-      (median over the steps), summed by layer and listed one by one.
+  python -m benchmarks.cpu_paths --what=profile --batch_size=64 --repeats=8 [--step=eval_step]
+      Where one `agejax.steps.train_step` (or ``eval_step``) spends its time:
+      a `jax.profiler` trace of ``--repeats`` steps, each XLA:CPU operation's
+      time per step (median over the steps), summed by layer and listed one
+      by one.
   python -m benchmarks.cpu_paths --what=flops
       XLA's cost analysis of `train_step` and `eval_step`, FLOPs per image,
       with direct (``lax``) convolutions and as agejax runs them (``auto``).
@@ -79,13 +86,16 @@ from agejax import steps
 _WHAT = flags.DEFINE_enum(
     'what',
     'layers',
-    ['peak', 'layers', 'dropout', 'eval', 'train', 'host', 'flops', 'profile'],
+    ['peak', 'layers', 'gradients', 'dropout', 'eval', 'train', 'host', 'flops', 'profile'],
     'Which measurement.',
 )
 _BATCH_SIZE = flags.DEFINE_integer(
-    'batch_size', 64, 'Batch size for --what=layers, dropout and profile.'
+    'batch_size', 64, 'Batch size for --what=layers, gradients, dropout and profile.'
 )
 _TOP = flags.DEFINE_integer('top', 30, 'Rows of each --what=profile table.')
+_STEP = flags.DEFINE_enum(
+    'step', 'train_step', ['train_step', 'eval_step'], 'The step --what=profile traces.'
+)
 _DTYPE = flags.DEFINE_enum(
     'dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtype for --what=train.'
 )
@@ -155,6 +165,23 @@ def _peak(repeats: int) -> None:
     a, b = jnp.ones((m, k)), jnp.ones((k, n))
     t = min(_time(jax.jit(jnp.dot), a, b, repeats=repeats))
     print(f'| {m}x{k} @ {k}x{n} | {t * 1e3:.1f} | {2 * m * k * n / t / 1e9:.0f} |')
+  # Winograd's 16 batched products on the 46x46x32 layer at batch 64: the
+  # forward's, and the kernel gradient's (contracting the long axis).
+  tiles = jnp.ones((16, 30976, 32))
+  for name, b, dims in (
+      ('16 x 30976x32 @ 32x64 (Winograd forward)', jnp.ones((16, 32, 64)), (((2,), (1,)), ((0,), (0,)))),
+      ('16 x 32x30976 @ 30976x64 (Winograd kernel gradient)', jnp.ones((16, 30976, 64)), (((1,), (1,)), ((0,), (0,)))),
+  ):
+    t = min(_time(jax.jit(lambda a, b, dims=dims: lax.dot_general(a, b, dims)), tiles, b, repeats=repeats))
+    print(f'| {name} | {t * 1e3:.1f} | {2 * 16 * 30976 * 32 * 64 / t / 1e9:.0f} |')
+  # The other ceiling: an elementwise loop reads and writes each byte once, so
+  # above the caches it runs at the memory's speed.
+  print('\n| elementwise 2x+1 (fp32) | ms | GB/s read + written |\n|---|---|---|')
+  scale = jax.jit(lambda x: 2 * x + 1)
+  for mib in (4, 32, 256):
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    t = min(_time(scale, x, repeats=repeats))
+    print(f'| {mib} MiB | {t * 1e3:.2f} | {2 * mib * 2**20 / t / 1e9:.1f} |')
 
 
 def _layers(batch_size: int, repeats: int) -> None:
@@ -187,6 +214,52 @@ def _layers(batch_size: int, repeats: int) -> None:
     print(
         f'| {hw}x{hw}x{cin} -> {cout} | ' + ' | '.join(f'{t * 1e3:.1f}' for t in cells)
         + ' | ' + ', '.join(f'{e:.0e}' for e in err) + ' |',
+        flush=True,
+    )
+
+
+def _eigen_input_grad(w: jax.Array, g: jax.Array) -> jax.Array:
+  """The input gradient `agejax.conv` takes below Winograd's threshold."""
+  kh, kw = w.shape[:2]
+  return lax.conv_general_dilated(
+      g,
+      jnp.flip(w, (0, 1)),
+      (1, 1),
+      ((kh - 1, kh - 1), (kw - 1, kw - 1)),
+      dimension_numbers=conv._NHWC_HWOI,
+  )
+
+
+def _gradients(batch_size: int, repeats: int) -> None:
+  rng = np.random.default_rng(0)
+  print(
+      f'batch {batch_size}, ms (min of {repeats}): each gradient of each 3x3 layer'
+      ' with >= 32 input channels, alone and together, by Winograd'
+      " (`conv.winograd_conv_valid_vjp`) and by `agejax.conv`'s other paths"
+      ' (dx: transposed convolution; dw: `conv._kernel_grad`)'
+  )
+  columns = (
+      ('dx Winograd', lambda x, w, g: conv.winograd_conv_valid_vjp(x, w, g)[0]),
+      ('dx transposed conv', lambda x, w, g: _eigen_input_grad(w, g)),
+      ('dw Winograd', lambda x, w, g: conv.winograd_conv_valid_vjp(x, w, g)[1]),
+      ('dw non-Winograd', lambda x, w, g: conv._kernel_grad(x, g, 3, 3, None)),
+      ('both Winograd', conv.winograd_conv_valid_vjp),
+      (
+          'dx transposed conv + dw Winograd',
+          lambda x, w, g: (_eigen_input_grad(w, g), conv.winograd_conv_valid_vjp(x, w, g)[1]),
+      ),
+  )
+  print('| layer | ' + ' | '.join(name for name, _ in columns) + ' |')
+  print('|---' * (len(columns) + 1) + '|')
+  for hw, cin, cout in LAYERS:
+    if cin < 32:
+      continue
+    x = jnp.asarray(rng.standard_normal((batch_size, hw, hw, cin)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
+    g = jnp.asarray(rng.standard_normal((batch_size, hw - 2, hw - 2, cout)), jnp.float32)
+    cells = [min(_time(jax.jit(fn), x, w, g, repeats=repeats)) * 1e3 for _, fn in columns]
+    print(
+        f'| {hw}x{hw}x{cin} -> {cout} | ' + ' | '.join(f'{ms:.1f}' for ms in cells) + ' |',
         flush=True,
     )
 
@@ -240,6 +313,32 @@ def _winograd_autodiff_vjp(
   return pullback(g)
 
 
+# The shipped backward, which `_winograd_vjp_in_chunks` calls per chunk while
+# it is patched in as `conv.winograd_conv_valid_vjp`.
+_WINOGRAD_VJP = conv.winograd_conv_valid_vjp
+
+
+def _winograd_vjp_in_chunks(
+    x: jax.Array, w: jax.Array, g: jax.Array, precision: Any = None
+) -> tuple[jax.Array, jax.Array]:
+  """`conv.winograd_conv_valid_vjp` by a `lax.scan` over 4 images at a time.
+
+  Only on layers at least 40 pixels tall (the 46x46x32 one), so that each
+  chunk's tiles stay in cache; the others as shipped.
+  """
+  n = x.shape[0]
+  if x.shape[1] < 40 or n % 4 or n == 4:
+    return _WINOGRAD_VJP(x, w, g, precision)
+
+  def chunk(dw, xg):
+    dx, dw_chunk = _WINOGRAD_VJP(xg[0], w, xg[1], precision)
+    return dw + dw_chunk.astype(jnp.float32), dx
+
+  chunks = (x.reshape(n // 4, 4, *x.shape[1:]), g.reshape(n // 4, 4, *g.shape[1:]))
+  dw, dx = lax.scan(chunk, jnp.zeros(w.shape, jnp.float32), chunks)
+  return dx.reshape(x.shape), dw.astype(w.dtype)
+
+
 def _flat_stack_16(groups: Sequence[Sequence[jax.Array]]) -> jax.Array:
   """`conv._stack_4x4` as one flat stack of 16, which XLA:CPU cannot fuse."""
   pieces = [piece for group in groups for piece in group]
@@ -255,6 +354,11 @@ _TRAIN_VARIANTS = {
         {conv: {'winograd_conv_valid_vjp': _winograd_autodiff_vjp}},
         None,
     ),
+    # Not a choice undone: measured and not adopted (PERFORMANCE.md).
+    'Winograd backward in batch chunks': (
+        {conv: {'winograd_conv_valid_vjp': _winograd_vjp_in_chunks}},
+        None,
+    ),
     'no Winograd forward': ({conv: {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9}}, None),
     'no Winograd backward': ({conv: {'_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9}}, None),
     'no Winograd': (
@@ -266,6 +370,23 @@ _TRAIN_VARIANTS = {
         None,
     ),
     'YNNPACK off': ({}, {'xla_cpu_experimental_ynn_fusion_type': ''}),
+    # Not choices undone: other YNNPACK fusion settings, measured and not adopted.
+    'YNNPACK dots and convolutions only': (
+        {},
+        {
+            'xla_cpu_experimental_ynn_fusion_type': (
+                'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
+            )
+        },
+    ),
+    'YNNPACK graphs of dots + elementwise + reductions': (
+        {},
+        {
+            'xla_cpu_experimental_ynn_fusion_type': (
+                'LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE'
+            )
+        },
+    ),
     # Only differs from 'shipped' under --dtype=bfloat16.
     'Winograd float32 only': ({conv: {'_WINOGRAD_DTYPES': (jnp.float32,)}}, None),
     # The same masks, drawn by JAX's threefry (a rolled loop on the CPU).
@@ -359,29 +480,40 @@ def _flops() -> None:
       print(f'{name}, conv_impl={impl}: {cost["flops"] / batch_size / 1e6:.0f} MFLOP per image (batch {batch_size})')
 
 
-def _op_names(hlo_text: str) -> dict[str, str]:
+def _op_names(hlo_text: str, step: str) -> dict[str, str]:
   """HLO instruction name -> the JAX op name in its metadata, less the jit prefix."""
   names = {}
   for m in re.finditer(r'^\s*(?:ROOT )?%?([\w.-]+) = .*?op_name="([^"]*)"', hlo_text, re.M):
-    names[m.group(1)] = m.group(2).removeprefix('jit(train_step)/')
+    names[m.group(1)] = m.group(2).removeprefix(f'jit({step})/')
   return names
 
 
-def _profile(batch_size: int, repeats: int, top: int) -> None:
-  """Per-operation time of `train_step` from a `jax.profiler` trace."""
+def _profile(step_name: str, batch_size: int, repeats: int, top: int) -> None:
+  """Per-operation time of `train_step` or `eval_step` from a `jax.profiler` trace."""
   batch = _batch(batch_size, np.random.default_rng(0))
-  key = jax.random.PRNGKey(1)
   state = _state()
-  compiled = steps.train_step.lower(state, batch, key).compile()
-  op_names = _op_names(compiled.as_text())
+  if step_name == 'train_step':
+    key = jax.random.PRNGKey(1)
+    compiled = steps.train_step.lower(state, batch, key).compile()
+
+    def run() -> None:
+      nonlocal state
+      state, out = compiled(state, batch, key)
+      jax.block_until_ready(out)
+
+  else:
+    compiled = steps.eval_step.lower(state, batch).compile()
+
+    def run() -> None:
+      jax.block_until_ready(compiled(state, batch))
+
+  op_names = _op_names(compiled.as_text(), step_name)
   for _ in range(3):
-    state, out = compiled(state, batch, key)
-    jax.block_until_ready(out)
+    run()
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(repeats):
-        state, out = compiled(state, batch, key)
-        jax.block_until_ready(out)
+        run()
     (path,) = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)
     profile = jax.profiler.ProfileData.from_file(path)
   events = [
@@ -406,7 +538,7 @@ def _profile(batch_size: int, repeats: int, top: int) -> None:
     layer = re.search(r'(block\d/(?:conv|bn)\d|head/\w+|logits|Dropout_\d)', op)
     layers[(direction, layer.group(1) if layer else 'other')] += ms
   print(
-      f'steps.train_step, batch {batch_size}: {statistics.median((e - s) / 1e6 for s, e in runs):.0f} ms'
+      f'steps.{step_name}, batch {batch_size}: {statistics.median((e - s) / 1e6 for s, e in runs):.0f} ms'
       f' per traced step (median of {len(runs)}), operations sum to {sum(ops.values()):.0f} ms'
   )
   print('\n| pass | layer | ms per step |\n|---|---|---|')
@@ -425,6 +557,8 @@ def main(argv: Sequence[str]) -> None:
     _peak(_REPEATS.value)
   elif _WHAT.value == 'layers':
     _layers(_BATCH_SIZE.value, _REPEATS.value)
+  elif _WHAT.value == 'gradients':
+    _gradients(_BATCH_SIZE.value, _REPEATS.value)
   elif _WHAT.value == 'dropout':
     _dropout(_BATCH_SIZE.value, _REPEATS.value)
   elif _WHAT.value == 'eval':
@@ -434,7 +568,7 @@ def main(argv: Sequence[str]) -> None:
   elif _WHAT.value == 'host':
     _host([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
   elif _WHAT.value == 'profile':
-    _profile(_BATCH_SIZE.value, _REPEATS.value, _TOP.value)
+    _profile(_STEP.value, _BATCH_SIZE.value, _REPEATS.value, _TOP.value)
   else:
     _flops()
 
