@@ -11,7 +11,7 @@ slower than elementwise code. See docs/PERFORMANCE.md for the measurements.
 ``lax.conv_general_dilated`` (same signature, same values to float32
 rounding) with a custom VJP:
 
-* forward of float32 and bfloat16 3x3 layers with at least 32 input
+* forward of float32 and bfloat16 3x3 layers with at least 64 input
   channels and 6 output rows: `winograd_conv_valid` (Winograd F(2x2, 3x3):
   16 multiplications per 2x2 output tile instead of 36; bfloat16 tiles,
   float32 transforms and accumulation);
@@ -20,23 +20,24 @@ rounding) with a custom VJP:
   convolutions whose output is taller than their input, so this one runs on
   Eigen. Used from 8 input channels and 6 output rows up; otherwise the plain
   VALID ``lax`` convolution;
-* both gradients of float32 and bfloat16 3x3 layers with at least 32 input
+* both gradients of float32 and bfloat16 3x3 layers with at least 64 input
   channels: `winograd_conv_valid_vjp`, Winograd's backward pass written out;
 * other input gradients: the transposed convolution, written as a VALID
   convolution of the cotangent padded by ``kernel - 1`` with the flipped
-  kernel (what ``lax`` does; its output is taller than its input, so it runs
-  on Eigen);
-* other kernel gradients: for layers with at least 8 input channels and
-  3,000 output positions (batch x height x width), a 3-D "filter-gradient"
-  convolution over ``[N, 1, H, W, C]`` (YNNPACK takes only 2-D ones, so it
-  runs on Eigen); for smaller layers ``patches^T @ cotangent``, the patches
-  being the ``kh * kw`` shifted slices of the input concatenated along
-  channels.
+  kernel, its input and output channels swapped (what ``lax`` does; its
+  output is taller than its input, so it runs on Eigen);
+* other kernel gradients: ``patches^T @ cotangent``, the patches being the
+  ``kh * kw`` shifted slices of the input concatenated along channels. Layers
+  with at least 8 input channels and 3,000 output positions (batch x height
+  x width) sum it over 4 images at a time in a ``lax.scan``, so that each
+  chunk's patches stay in cache.
 
 On the study's network the Winograd paths make the whole training step
 1.2-1.6x faster, with or without the freed-memory reuse that
-`agejax.host_malloc` arranges (docs/PERFORMANCE.md). Their 16 transformed
-tiles are stacked four by four, a shape XLA:CPU fuses into one loop.
+`agejax.host_malloc` arranges (docs/PERFORMANCE.md); its 46x46x32 layer,
+too thin for Winograd, takes the Eigen and chunked im2col paths. Winograd's
+16 transformed tiles are stacked four by four, a shape XLA:CPU fuses into
+one loop.
 
 It covers what the study's network uses: 2-D NHWC inputs, HWIO kernels,
 stride 1, no dilation, one feature and batch group, no
@@ -76,10 +77,6 @@ PoolFn = Callable[[jax.Array], jax.Array]
 # NHWC input, HWIO kernel, NHWC output: the layout flax.linen.Conv passes.
 _NHWC_HWIO = lax.ConvDimensionNumbers(
     lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
-)
-# The flipped kernel, read with I and O swapped, for the input gradient.
-_NHWC_HWOI = lax.ConvDimensionNumbers(
-    lhs_spec=(0, 3, 1, 2), rhs_spec=(2, 3, 0, 1), out_spec=(0, 3, 1, 2)
 )
 
 
@@ -345,13 +342,17 @@ def _supported_pads(
   return tuple((int(lo), int(hi)) for lo, hi in pads)
 
 
-# Below these sizes the Eigen formulations lose to the plain ones (measured on
-# a 2-core Zen 4, see docs/PERFORMANCE.md): Eigen is slow with very few input
-# channels, the padded forward wastes ``kh`` of ``ho + kh`` output rows, and
-# the 3-D kernel gradient has a fixed cost that a small im2col matmul avoids.
+# Below these sizes the Eigen forward loses to the plain one (measured on a
+# 2-core Zen 4, see docs/PERFORMANCE.md): Eigen is slow with very few input
+# channels, and the padded forward wastes ``kh`` of ``ho + kh`` output rows.
 _EIGEN_MIN_IN_CHANNELS = 8
 _EIGEN_FORWARD_MIN_OUT_ROWS = 6
-_EIGEN_KERNEL_GRAD_MIN_ROWS = 3000  # batch * out_h * out_w
+# Kernel gradients of layers this large run as im2col matmuls over
+# `_KERNEL_GRAD_CHUNK` images at a time (a ``lax.scan``), so that each chunk's
+# patches stay in cache; smaller ones as one im2col matmul.
+_CHUNKED_KERNEL_GRAD_MIN_IN_CHANNELS = 8
+_CHUNKED_KERNEL_GRAD_MIN_ROWS = 3000  # batch * out_h * out_w
+_KERNEL_GRAD_CHUNK = 4
 
 
 def _eigen_forward(x_shape: Sequence[int], w_shape: Sequence[int]) -> bool:
@@ -360,18 +361,19 @@ def _eigen_forward(x_shape: Sequence[int], w_shape: Sequence[int]) -> bool:
   return cin >= _EIGEN_MIN_IN_CHANNELS and out_h >= _EIGEN_FORWARD_MIN_OUT_ROWS
 
 
-def _eigen_kernel_grad(x_shape: Sequence[int], g_shape: Sequence[int]) -> bool:
+def _chunked_kernel_grad(x_shape: Sequence[int], g_shape: Sequence[int]) -> bool:
   rows = g_shape[0] * g_shape[1] * g_shape[2]
   return (
-      x_shape[3] >= _EIGEN_MIN_IN_CHANNELS
-      and rows >= _EIGEN_KERNEL_GRAD_MIN_ROWS
+      x_shape[3] >= _CHUNKED_KERNEL_GRAD_MIN_IN_CHANNELS
+      and rows >= _CHUNKED_KERNEL_GRAD_MIN_ROWS
+      and g_shape[0] >= 2 * _KERNEL_GRAD_CHUNK
   )
 
 
 def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   """The VALID convolution, on the fastest XLA:CPU kernel for its shape.
 
-  Float32 and bfloat16 3x3 layers with at least 32 input channels and 6
+  Float32 and bfloat16 3x3 layers with at least 64 input channels and 6
   output rows run `winograd_conv_valid`. Otherwise: XLA:CPU (jaxlib 0.10.2)
   gives a 2-D convolution to YNNPACK unless its output is taller than its
   input; YNNPACK runs these layers 2-3x slower than Eigen.
@@ -399,56 +401,75 @@ def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   return y[:, :out_h]
 
 
-# Kernel gradient as a 3-D "filter-gradient" convolution over [N, 1, H, W, C]:
-# the input channels play the batch, the batch plays the contracted feature,
-# and the output cotangent is the (1, ho, wo) window. XLA:CPU's YNNPACK takes
-# only 2-D convolutions, so this one runs on Eigen's cuboid convolution.
-_KERNEL_GRAD_3D = lax.ConvDimensionNumbers(
-    lhs_spec=(4, 0, 1, 2, 3),  # x[:, None]: batch = C_in, feature = N
-    rhs_spec=(4, 0, 1, 2, 3),  # g[:, None]: out = C_out, in = N
-    out_spec=(3, 4, 0, 1, 2),  # [1, kh, kw, C_in, C_out]
-)
-
-
-def _kernel_grad(
+def _im2col_kernel_grad(
     x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
 ) -> jax.Array:
-  """dW [kh, kw, C_in, C_out] of the VALID convolution for cotangent ``g``."""
-  cin, cout = x.shape[3], g.shape[3]
-  if _eigen_kernel_grad(x.shape, g.shape):
-    dw = lax.conv_general_dilated(
-        x[:, None],
-        g[:, None],
-        (1, 1, 1),
-        'VALID',
-        dimension_numbers=_KERNEL_GRAD_3D,
-        precision=precision,
-    )
-    return dw.reshape(kh, kw, cin, cout)
-  # Small layers: one matmul of the im2col patches with the cotangent.
+  """``patches^T @ g``: dW as [kh * kw * C_in, C_out], accumulated in float32.
+
+  The patches are the ``kh * kw`` shifted slices of ``x`` concatenated along
+  channels.
+  """
   _, ho, wo, _ = g.shape
   patches = jnp.concatenate(
       [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)],
       axis=-1,
   )
-  dw = lax.dot_general(
+  return lax.dot_general(
       patches,
       g,
       (((0, 1, 2), (0, 1, 2)), ((), ())),
       precision=precision,
+      preferred_element_type=jnp.float32,
   )
-  return dw.reshape(kh, kw, cin, cout)
 
 
-# Winograd F(2x2, 3x3) wins from 32 input channels, both ways (measured on a
-# 2-core Zen 4, docs/PERFORMANCE.md); its transforms write ~4x the input, so
-# it gains most when freed host memory is reused (`agejax.host_malloc`).
-# With a single input channel the transforms cost more than the 2.25x fewer
-# multiplications save; below 6 output rows the padding to whole 2x2 tiles
-# wastes too much of the forward.
-_WINOGRAD_FORWARD_MIN_IN_CHANNELS = 32
+def _kernel_grad(
+    x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
+) -> jax.Array:
+  """dW [kh, kw, C_in, C_out] of the VALID convolution for cotangent ``g``.
+
+  Large layers (`_chunked_kernel_grad`) sum the im2col products of
+  `_KERNEL_GRAD_CHUNK` images at a time; a batch that is not a multiple of
+  the chunk adds the remaining images' product at the end. The alternatives
+  measured for the study's 46x46x32 layer, Eigen's 3-D filter-gradient
+  convolution and one im2col product of the whole batch, took twice as long
+  (docs/PERFORMANCE.md, session 10).
+  """
+  cin, cout = x.shape[3], g.shape[3]
+  dtype = jnp.result_type(x, g)
+  if not _chunked_kernel_grad(x.shape, g.shape):
+    dw = _im2col_kernel_grad(x, g, kh, kw, precision)
+    return dw.reshape(kh, kw, cin, cout).astype(dtype)
+  n = x.shape[0]
+  whole = n - n % _KERNEL_GRAD_CHUNK
+
+  def add_chunk(
+      dw: jax.Array, chunk: tuple[jax.Array, jax.Array]
+  ) -> tuple[jax.Array, None]:
+    return dw + _im2col_kernel_grad(*chunk, kh, kw, precision), None
+
+  chunks = tuple(
+      a[:whole].reshape(-1, _KERNEL_GRAD_CHUNK, *a.shape[1:]) for a in (x, g)
+  )
+  dw0 = jnp.zeros((kh * kw * cin, cout), jnp.float32)
+  dw, _ = lax.scan(add_chunk, dw0, chunks)
+  if whole < n:
+    dw = dw + _im2col_kernel_grad(x[whole:], g[whole:], kh, kw, precision)
+  return dw.reshape(kh, kw, cin, cout).astype(dtype)
+
+
+# Winograd F(2x2, 3x3) wins from 64 input channels, both ways; its transforms
+# write ~4x the input, so it gains most when freed host memory is reused
+# (`agejax.host_malloc`). Below that the 16 products are too thin: on the
+# study's 46x46x32 layer the Eigen forward, the transposed convolution and
+# the chunked im2col kernel gradient make the whole training step 8-12 %
+# faster in float32, 10-11 % in bfloat16 (2-core Intel Xeon,
+# docs/PERFORMANCE.md, session 10; a Zen 4 had favoured Winograd there
+# against Eigen's 3-D kernel gradient). Below 6 output rows the padding to
+# whole 2x2 tiles wastes too much of the forward.
+_WINOGRAD_FORWARD_MIN_IN_CHANNELS = 64
 _WINOGRAD_FORWARD_MIN_OUT_ROWS = 6
-_WINOGRAD_BACKWARD_MIN_IN_CHANNELS = 32
+_WINOGRAD_BACKWARD_MIN_IN_CHANNELS = 64
 # bfloat16 runs it with bfloat16 tiles (half the memory traffic), float32
 # transforms and float32 accumulation: 1.3-1.9x the bfloat16 training step on
 # ``lax`` convolutions (docs/PERFORMANCE.md).
@@ -677,13 +698,15 @@ def _conv_valid_bwd(
     return winograd_conv_valid_vjp(x, w, g, precision)
   kh, kw, _, _ = w.shape
   # The transposed convolution: its output is taller than its input, so
-  # XLA:CPU runs it on Eigen (see `_forward`).
+  # XLA:CPU runs it on Eigen (see `_forward`). Its kernel is transposed to
+  # HWIO here: read as HWOI instead, the convolution ran ~5x slower inside
+  # the while loop of a scanned epoch (docs/PERFORMANCE.md, session 10).
   dx = lax.conv_general_dilated(
       g,
-      jnp.flip(w, (0, 1)),
+      jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3),
       (1, 1),
       ((kh - 1, kh - 1), (kw - 1, kw - 1)),
-      dimension_numbers=_NHWC_HWOI,
+      dimension_numbers=_NHWC_HWIO,
       precision=precision,
   )
   return dx, _kernel_grad(x, g, kh, kw, precision)

@@ -13,8 +13,10 @@ choices and for the training-speed ceiling, so they live here, runnable:
       channels up) and `agejax.conv.winograd_conv_valid` in both
       directions, with the Winograd error against ``lax``.
   python -m benchmarks.cpu_paths --what=gradients --batch_size=64
-      Each gradient of each layer that takes Winograd's backward pass,
-      alone and together, by Winograd and by agejax's other paths.
+      Each gradient of each 3x3 layer with at least 32 input channels,
+      alone and together, by Winograd and by agejax's other paths (the
+      transposed convolution; the im2col kernel gradient, in chunks of
+      images on large layers).
   python -m benchmarks.cpu_paths --what=dropout --batch_size=64
       The study network's dropout inputs, flax's layer against `agejax.dropout`'s
       (the same masks; the hash written out instead of JAX's rolled loop).
@@ -22,17 +24,19 @@ choices and for the training-speed ceiling, so they live here, runnable:
       `agejax.steps.eval_step` of the study's age network with
       ``conv_impl='matmul'`` vs ``'lax'``, interleaved in one process: where
       `agejax.conv.resolve_impl` switches inference to ``lax``.
-  python -m benchmarks.cpu_paths --what=train --batch_sizes=64,256 [--variants=...]
-      `agejax.steps.train_step`, interleaved in one process, as shipped and
-      with one choice undone: Winograd's backward by ``jax.vjp`` of its
-      forward instead of written out, without Winograd's forward, backward
+  python -m benchmarks.cpu_paths --what=train --batch_sizes=64,256 [--variants=...] [--scan_batches=8]
+      `agejax.steps.train_step` (or, with ``--scan_batches``, the scanned
+      `agejax.steps.train_epoch`), interleaved in one process, as shipped and
+      with one choice undone: the 46x46x32 layer by Winograd both ways
+      (Winograd from 32 input channels instead of 64), Winograd's backward
+      by ``jax.vjp`` of its forward instead of written out, without Winograd's forward, backward
       or both, with the forward on YNNPACK (no Winograd, no Eigen padding),
       with YNNPACK off for the step, with Winograd's 16 tiles stacked at
       once instead of as four stacks of four, with Winograd for float32 only
       (add ``--dtype=bfloat16`` to train in bfloat16), with flax's own
       dropout layer (the same masks, JAX's threefry). Also ideas measured
-      and not adopted: the 46x46x32 layer's Winograd backward in a
-      `lax.scan` over 4 images at a time; two other settings of XLA:CPU's
+      and not adopted: that layer's Winograd backward in a `lax.scan` over 4
+      images at a time; two other settings of XLA:CPU's
       YNNPACK fusion; and XLA:CPU's experimental oneDNN fusion of every dot
       (where that fusion fails to compile it aborts the process: leave the
       column out with ``--variants``).
@@ -110,6 +114,12 @@ _HOST_MALLOC = flags.DEFINE_enum(
     ' freed memory, as the experiments do, or the system default.',
 )
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed repeats.')
+_SCAN_BATCHES = flags.DEFINE_integer(
+    'scan_batches',
+    0,
+    '--what=train: 0 times steps.train_step; N > 0 times steps.train_epoch, one'
+    ' lax.scan over N device-resident batches per call.',
+)
 _VARIANTS = flags.DEFINE_list(
     'variants',
     [],
@@ -223,10 +233,10 @@ def _eigen_input_grad(w: jax.Array, g: jax.Array) -> jax.Array:
   kh, kw = w.shape[:2]
   return lax.conv_general_dilated(
       g,
-      jnp.flip(w, (0, 1)),
+      jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3),
       (1, 1),
       ((kh - 1, kh - 1), (kw - 1, kw - 1)),
-      dimension_numbers=conv._NHWC_HWOI,
+      dimension_numbers=conv._NHWC_HWIO,
   )
 
 
@@ -244,6 +254,10 @@ def _gradients(batch_size: int, repeats: int) -> None:
       ('dw Winograd', lambda x, w, g: conv.winograd_conv_valid_vjp(x, w, g)[1]),
       ('dw non-Winograd', lambda x, w, g: conv._kernel_grad(x, g, 3, 3, None)),
       ('both Winograd', conv.winograd_conv_valid_vjp),
+      (
+          'both non-Winograd',
+          lambda x, w, g: (_eigen_input_grad(w, g), conv._kernel_grad(x, g, 3, 3, None)),
+      ),
       (
           'dx transposed conv + dw Winograd',
           lambda x, w, g: (_eigen_input_grad(w, g), conv.winograd_conv_valid_vjp(x, w, g)[1]),
@@ -345,6 +359,12 @@ def _flat_stack_16(groups: Sequence[Sequence[jax.Array]]) -> jax.Array:
   return jnp.stack(pieces).reshape(4, 4, *pieces[0].shape)
 
 
+# Winograd both ways from 32 input channels, as shipped until session 10.
+_WINOGRAD_FROM_32 = {
+    '_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 32,
+    '_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 32,
+}
+
 # --what=train: each variant undoes one of agejax's CPU choices, by patching
 # module attributes ({module: {name: value}}) and/or XLA compiler options.
 _TRAIN_VARIANTS = {
@@ -354,9 +374,11 @@ _TRAIN_VARIANTS = {
         {conv: {'winograd_conv_valid_vjp': _winograd_autodiff_vjp}},
         None,
     ),
-    # Not a choice undone: measured and not adopted (PERFORMANCE.md).
+    '46x46x32 layer by Winograd': ({conv: _WINOGRAD_FROM_32}, None),
+    # Not a choice undone: the 46x46x32 layer's Winograd backward (as
+    # shipped before session 10) in chunks, measured and not adopted.
     'Winograd backward in batch chunks': (
-        {conv: {'winograd_conv_valid_vjp': _winograd_vjp_in_chunks}},
+        {conv: {**_WINOGRAD_FROM_32, 'winograd_conv_valid_vjp': _winograd_vjp_in_chunks}},
         None,
     ),
     'no Winograd forward': ({conv: {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9}}, None),
@@ -403,17 +425,26 @@ _TRAIN_VARIANTS = {
 }
 
 
-def _train(batch_sizes: Sequence[int], repeats: int, names: Sequence[str]) -> None:
+def _train(
+    batch_sizes: Sequence[int], repeats: int, names: Sequence[str], scan_batches: int
+) -> None:
   names = list(dict.fromkeys(names))
   unknown = set(names) - set(_TRAIN_VARIANTS)
   if unknown:
     raise app.UsageError(f'Unknown --variants {sorted(unknown)}; choose from {list(_TRAIN_VARIANTS)}.')
-  print(f'images/s, steps.train_step ({_DTYPE.value}), median of {repeats} interleaved')
+  step_name = f'steps.train_epoch of {scan_batches} batches' if scan_batches else 'steps.train_step'
+  print(f'images/s, {step_name} ({_DTYPE.value}), median of {repeats} interleaved')
   print('| batch | ' + ' | '.join(names) + ' |\n' + '|---' * (len(names) + 1) + '|')
   rng = np.random.default_rng(0)
   key = jax.random.PRNGKey(1)
   for batch_size in batch_sizes:
-    batch = _batch(batch_size, rng)
+    if scan_batches:
+      data = _batch(scan_batches * batch_size, rng)
+      step, args, static = steps.train_epoch, (data['image'], data['label'], key), {'batch_size': batch_size}
+      images_per_call = scan_batches * batch_size
+    else:
+      step, args, static = steps.train_step, (_batch(batch_size, rng), key), {}
+      images_per_call = batch_size
     runs = {}
     for name in names:
       patches, compiler_options = _TRAIN_VARIANTS[name]
@@ -421,16 +452,21 @@ def _train(batch_sizes: Sequence[int], repeats: int, names: Sequence[str]) -> No
       with contextlib.ExitStack() as stack:
         for module, attributes in patches.items():
           stack.enter_context(mock.patch.multiple(module, **attributes))
-        compiled = steps.train_step.lower(state[0], batch, key).compile(compiler_options)
+        compiled = step.lower(state[0], *args, **static).compile(compiler_options)
 
       def run(compiled=compiled, state=state) -> None:
-        state[0], out = compiled(state[0], batch, key)
+        state[0], out = compiled(state[0], *args)
         jax.block_until_ready(out)
 
       run()
       runs[name] = run
     seconds = _interleaved(runs, repeats)
-    print(f'| {batch_size} | ' + ' | '.join(f'{batch_size / seconds[n]:.0f}' for n in names) + ' |', flush=True)
+    print(
+        f'| {batch_size} | '
+        + ' | '.join(f'{images_per_call / seconds[n]:.0f}' for n in names)
+        + ' |',
+        flush=True,
+    )
 
 
 def _host(batch_sizes: Sequence[int], repeats: int) -> None:
@@ -564,7 +600,12 @@ def main(argv: Sequence[str]) -> None:
   elif _WHAT.value == 'eval':
     _eval([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
   elif _WHAT.value == 'train':
-    _train([int(b) for b in _BATCH_SIZES.value], _REPEATS.value, _VARIANTS.value or list(_TRAIN_VARIANTS))
+    _train(
+        [int(b) for b in _BATCH_SIZES.value],
+        _REPEATS.value,
+        _VARIANTS.value or list(_TRAIN_VARIANTS),
+        _SCAN_BATCHES.value,
+    )
   elif _WHAT.value == 'host':
     _host([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
   elif _WHAT.value == 'profile':

@@ -30,7 +30,8 @@ _SHAPES = (
     (1, 6, 9, 4, 3, (1, 1)),
     (2, 5, 5, 3, 2, (5, 4)),
     # Odd kernels on the Eigen forward (>= 8 input channels, >= 6 output
-    # rows) and, with >= 3000 output positions, the 3-D kernel gradient.
+    # rows) and, with >= 3000 output positions, the chunked kernel gradient
+    # (batch 5: two chunks of 2 and one image left over under _CHUNKS_OF_2).
     (3, 13, 9, 8, 6, (3, 2)),
     (2, 12, 10, 9, 5, (5, 4)),
     (40, 12, 11, 8, 4, (2, 3)),
@@ -38,17 +39,22 @@ _SHAPES = (
 )
 
 # The thresholds that pick each formulation; patching them forces one path.
-_ALL_EIGEN = dict(
+# The Eigen forward and the kernel gradient in chunks of 1 or 2 images:
+_EIGEN_AND_CHUNKS = dict(
     _EIGEN_MIN_IN_CHANNELS=1,
     _EIGEN_FORWARD_MIN_OUT_ROWS=1,
-    _EIGEN_KERNEL_GRAD_MIN_ROWS=1,
+    _CHUNKED_KERNEL_GRAD_MIN_IN_CHANNELS=1,
+    _CHUNKED_KERNEL_GRAD_MIN_ROWS=1,
     _WINOGRAD_FORWARD_MIN_IN_CHANNELS=10**9,
     _WINOGRAD_BACKWARD_MIN_IN_CHANNELS=10**9,
 )
+_CHUNKS_OF_1 = dict(_EIGEN_AND_CHUNKS, _KERNEL_GRAD_CHUNK=1)
+_CHUNKS_OF_2 = dict(_EIGEN_AND_CHUNKS, _KERNEL_GRAD_CHUNK=2)
+# lax's forward and one im2col kernel gradient for the whole batch:
 _NO_EIGEN = dict(
     _EIGEN_MIN_IN_CHANNELS=10**9,
     _EIGEN_FORWARD_MIN_OUT_ROWS=10**9,
-    _EIGEN_KERNEL_GRAD_MIN_ROWS=10**9,
+    _CHUNKED_KERNEL_GRAD_MIN_ROWS=10**9,
     _WINOGRAD_FORWARD_MIN_IN_CHANNELS=10**9,
     _WINOGRAD_BACKWARD_MIN_IN_CHANNELS=10**9,
 )
@@ -105,12 +111,13 @@ class MatmulConvTest(chex.TestCase):
   @parameterized.product(
       shape=_SHAPES,
       padding=('VALID', 'SAME'),
-      thresholds=(_ALL_EIGEN, _NO_EIGEN, _ALL_WINOGRAD),
+      thresholds=(_CHUNKS_OF_1, _CHUNKS_OF_2, _NO_EIGEN, _ALL_WINOGRAD),
   )
   def test_each_formulation_matches_lax(self, shape, padding, thresholds):
-    # Every shape through the Eigen forward + 3-D kernel gradient, through
-    # lax's forward + the im2col kernel gradient, and (3x3 kernels) through
-    # Winograd's forward and backward passes.
+    # Every shape through the Eigen forward + the chunked kernel gradient
+    # (where the batch has at least two chunks), through lax's forward + one
+    # im2col kernel gradient, and (3x3 kernels) through Winograd's forward
+    # and backward passes.
     x, k = _inputs(*shape)
     kwargs = dict(padding=padding, dimension_numbers=_NHWC)
     want = _vjp(lax.conv_general_dilated, x, k, **kwargs)
@@ -122,9 +129,10 @@ class MatmulConvTest(chex.TestCase):
 
   @parameterized.parameters(
       # (input shape, kernel shape, Winograd forward, Eigen forward,
-      #  3-D kernel gradient)
+      #  chunked kernel gradient)
       ((64, 48, 48, 1), (3, 3, 1, 32), False, False, False),
-      ((64, 46, 46, 32), (3, 3, 32, 64), True, True, True),
+      ((64, 46, 46, 32), (3, 3, 32, 64), False, True, True),
+      ((7, 46, 46, 32), (3, 3, 32, 64), False, True, False),  # < 2 chunks
       ((64, 22, 22, 64), (3, 3, 64, 128), True, True, True),
       ((64, 20, 20, 128), (3, 3, 128, 128), True, True, True),
       ((64, 9, 9, 128), (3, 3, 128, 128), True, True, True),
@@ -133,7 +141,7 @@ class MatmulConvTest(chex.TestCase):
       ((64, 20, 20, 16), (3, 3, 16, 32), False, True, True),
   )
   def test_study_layers_pick_the_measured_formulation(
-      self, x_shape, w_shape, winograd_forward, eigen_forward, eigen_kernel_grad
+      self, x_shape, w_shape, winograd_forward, eigen_forward, chunked_kernel_grad
   ):
     out = (x_shape[0], x_shape[1] - 2, x_shape[2] - 2, w_shape[3])
     w = jnp.zeros(w_shape)
@@ -144,13 +152,13 @@ class MatmulConvTest(chex.TestCase):
     )
     self.assertFalse(conv._winograd_forward(x_shape, w.astype(jnp.float16)))
     self.assertEqual(conv._eigen_forward(x_shape, w_shape), eigen_forward)
-    self.assertEqual(conv._eigen_kernel_grad(x_shape, out), eigen_kernel_grad)
+    self.assertEqual(conv._chunked_kernel_grad(x_shape, out), chunked_kernel_grad)
 
   @parameterized.parameters(
       # (kernel shape, dtype, Winograd backward)
       ((3, 3, 1, 32), jnp.float32, False),
       ((3, 3, 16, 32), jnp.float32, False),
-      ((3, 3, 32, 64), jnp.float32, True),
+      ((3, 3, 32, 64), jnp.float32, False),
       ((3, 3, 64, 128), jnp.float32, True),
       ((3, 3, 128, 256), jnp.float32, True),
       ((3, 3, 128, 256), jnp.bfloat16, True),
