@@ -81,9 +81,10 @@ class CnnSpeedEquivalenceTest(parameterized.TestCase):
 
   def test_bfloat16_matmul_training_step_errs_like_bfloat16_lax(self):
     # In bfloat16 the matmul path runs Winograd with bfloat16 tiles on the
-    # layers with at least 64 input channels. Against the float32 lax step, each gradient's error (L2) is at
-    # most twice that of the bfloat16 lax step (measured: up to 1.64x; both
-    # are ~25-30 % of the gradient, bfloat16 rounding through the network).
+    # layers with at least 64 input channels. Against the float32 lax step,
+    # each gradient's error (L2) is at most twice that of the bfloat16 lax
+    # step (measured: up to 1.64x; both are ~25-30 % of the gradient,
+    # bfloat16 rounding through the network).
     images, labels = _batch(8)
     (_, (want_logits, _)), want = _step(
         model.age_model(conv_impl='lax', frozen_bn=_ALL_BN), images, labels
