@@ -401,6 +401,27 @@ def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   return y[:, :out_h]
 
 
+def _input_grad(w: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
+  """dX of the VALID convolution for cotangent ``g`` (transposed convolution).
+
+  A VALID convolution of ``g`` padded by ``kernel - 1`` with the flipped
+  kernel, its input and output channels swapped. Its output is taller than
+  its input, so XLA:CPU runs it on Eigen (see `_forward`). The swap is done
+  on the kernel here: read as HWOI through the dimension numbers instead, as
+  ``lax`` does, the convolution ran ~5x slower inside the while loop of a
+  scanned epoch (docs/PERFORMANCE.md, session 10).
+  """
+  kh, kw = w.shape[:2]
+  return lax.conv_general_dilated(
+      g,
+      jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3),
+      (1, 1),
+      ((kh - 1, kh - 1), (kw - 1, kw - 1)),
+      dimension_numbers=_NHWC_HWIO,
+      precision=precision,
+  )
+
+
 def _im2col_kernel_grad(
     x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
 ) -> jax.Array:
@@ -697,19 +718,7 @@ def _conv_valid_bwd(
   if _winograd_backward(w):
     return winograd_conv_valid_vjp(x, w, g, precision)
   kh, kw, _, _ = w.shape
-  # The transposed convolution: its output is taller than its input, so
-  # XLA:CPU runs it on Eigen (see `_forward`). Its kernel is transposed to
-  # HWIO here: read as HWOI instead, the convolution ran ~5x slower inside
-  # the while loop of a scanned epoch (docs/PERFORMANCE.md, session 10).
-  dx = lax.conv_general_dilated(
-      g,
-      jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3),
-      (1, 1),
-      ((kh - 1, kh - 1), (kw - 1, kw - 1)),
-      dimension_numbers=_NHWC_HWIO,
-      precision=precision,
-  )
-  return dx, _kernel_grad(x, g, kh, kw, precision)
+  return _input_grad(w, g, precision), _kernel_grad(x, g, kh, kw, precision)
 
 
 _conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)

@@ -9,7 +9,7 @@ choices and for the training-speed ceiling, so they live here, runnable:
       and its memory throughput (GB/s of an elementwise loop, 4-256 MiB).
   python -m benchmarks.cpu_paths --what=layers --batch_size=64
       Each study convolution layer, forward and forward + both gradients, as
-      ``lax``, agejax's ``'matmul'`` path (Winograd's both ways from 32 input
+      ``lax``, agejax's ``'matmul'`` path (Winograd's both ways from 64 input
       channels up) and `agejax.conv.winograd_conv_valid` in both
       directions, with the Winograd error against ``lax``.
   python -m benchmarks.cpu_paths --what=gradients --batch_size=64
@@ -29,17 +29,17 @@ choices and for the training-speed ceiling, so they live here, runnable:
       `agejax.steps.train_epoch`), interleaved in one process, as shipped and
       with one choice undone: the 46x46x32 layer by Winograd both ways
       (Winograd from 32 input channels instead of 64), Winograd's backward
-      by ``jax.vjp`` of its forward instead of written out, without Winograd's forward, backward
-      or both, with the forward on YNNPACK (no Winograd, no Eigen padding),
-      with YNNPACK off for the step, with Winograd's 16 tiles stacked at
-      once instead of as four stacks of four, with Winograd for float32 only
-      (add ``--dtype=bfloat16`` to train in bfloat16), with flax's own
-      dropout layer (the same masks, JAX's threefry). Also ideas measured
-      and not adopted: that layer's Winograd backward in a `lax.scan` over 4
-      images at a time; two other settings of XLA:CPU's
-      YNNPACK fusion; and XLA:CPU's experimental oneDNN fusion of every dot
-      (where that fusion fails to compile it aborts the process: leave the
-      column out with ``--variants``).
+      by ``jax.vjp`` of its forward instead of written out, without
+      Winograd's forward, backward or both, with the forward on YNNPACK (no
+      Winograd, no Eigen padding), with YNNPACK off for the step, with
+      Winograd's 16 tiles stacked at once instead of as four stacks of four,
+      with Winograd for float32 only (add ``--dtype=bfloat16`` to train in
+      bfloat16), with flax's own dropout layer (the same masks, JAX's
+      threefry). Also ideas measured and not adopted: that layer's Winograd
+      backward in a `lax.scan` over 4 images at a time; two other settings of
+      XLA:CPU's YNNPACK fusion; and XLA:CPU's experimental oneDNN fusion of
+      every dot (where that fusion fails to compile it aborts the process:
+      leave the column out with ``--variants``).
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
       CPU time spent in the kernel, minor page faults per step and the
@@ -228,18 +228,6 @@ def _layers(batch_size: int, repeats: int) -> None:
     )
 
 
-def _eigen_input_grad(w: jax.Array, g: jax.Array) -> jax.Array:
-  """The input gradient `agejax.conv` takes below Winograd's threshold."""
-  kh, kw = w.shape[:2]
-  return lax.conv_general_dilated(
-      g,
-      jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3),
-      (1, 1),
-      ((kh - 1, kh - 1), (kw - 1, kw - 1)),
-      dimension_numbers=conv._NHWC_HWIO,
-  )
-
-
 def _gradients(batch_size: int, repeats: int) -> None:
   rng = np.random.default_rng(0)
   print(
@@ -248,20 +236,19 @@ def _gradients(batch_size: int, repeats: int) -> None:
       " (`conv.winograd_conv_valid_vjp`) and by `agejax.conv`'s other paths"
       ' (dx: transposed convolution; dw: `conv._kernel_grad`)'
   )
+  dx_winograd = lambda x, w, g: conv.winograd_conv_valid_vjp(x, w, g)[0]
+  dx_transposed = lambda x, w, g: conv._input_grad(w, g, None)
+  dw_winograd = lambda x, w, g: conv.winograd_conv_valid_vjp(x, w, g)[1]
+  dw_other = lambda x, w, g: conv._kernel_grad(x, g, 3, 3, None)
+  both = lambda dx, dw: lambda x, w, g: (dx(x, w, g), dw(x, w, g))
   columns = (
-      ('dx Winograd', lambda x, w, g: conv.winograd_conv_valid_vjp(x, w, g)[0]),
-      ('dx transposed conv', lambda x, w, g: _eigen_input_grad(w, g)),
-      ('dw Winograd', lambda x, w, g: conv.winograd_conv_valid_vjp(x, w, g)[1]),
-      ('dw non-Winograd', lambda x, w, g: conv._kernel_grad(x, g, 3, 3, None)),
+      ('dx Winograd', dx_winograd),
+      ('dx transposed conv', dx_transposed),
+      ('dw Winograd', dw_winograd),
+      ('dw non-Winograd', dw_other),
       ('both Winograd', conv.winograd_conv_valid_vjp),
-      (
-          'both non-Winograd',
-          lambda x, w, g: (_eigen_input_grad(w, g), conv._kernel_grad(x, g, 3, 3, None)),
-      ),
-      (
-          'dx transposed conv + dw Winograd',
-          lambda x, w, g: (_eigen_input_grad(w, g), conv.winograd_conv_valid_vjp(x, w, g)[1]),
-      ),
+      ('both non-Winograd', both(dx_transposed, dw_other)),
+      ('dx transposed conv + dw Winograd', both(dx_transposed, dw_winograd)),
   )
   print('| layer | ' + ' | '.join(name for name, _ in columns) + ' |')
   print('|---' * (len(columns) + 1) + '|')
