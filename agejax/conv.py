@@ -53,8 +53,12 @@ the pooling with the same ``impl`` names as the convolution.
 Inference is different: with no backward pass, XLA:CPU gives the whole
 forward network (convolutions, bias, ReLU, BatchNorm on running statistics,
 pooling, the first dense layer) to YNNPACK as one fused graph, which runs it
-near the machine's matmul peak from batch 128 up. `resolve_impl` therefore
-maps ``'auto'`` to ``'lax'`` for inference batches of that size.
+near the machine's matmul peak from batch 128 up. Only the first
+convolution, whose input has one channel, stays outside that graph. The
+``'ynnpack'`` implementation (`ynnpack_conv_general_dilated` and `relu_for`)
+computes it as a sum of shifted products instead, which XLA fuses with its
+bias add and ReLU into one loop ahead of the graph. `resolve_impl` maps
+``'auto'`` to ``'ynnpack'`` for inference batches of 128 and more.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ from jax import lax
 
 ConvFn = Callable[..., jax.Array]
 
-IMPLS = ('lax', 'matmul', 'auto')
+IMPLS = ('lax', 'matmul', 'ynnpack', 'auto')
 
 # What `max_pool_for` returns: images [B, H, W, C] -> pooled images.
 PoolFn = Callable[[jax.Array], jax.Array]
@@ -80,10 +84,10 @@ _NHWC_HWIO = lax.ConvDimensionNumbers(
 )
 
 
-# From this batch size up, XLA:CPU's fused YNNPACK inference graph (plain
-# ``lax`` convolutions and ``reduce_window`` pooling) beats the Eigen-routed
-# forward: 535-725 vs 459-520 images/s at batch 128-512, but 316-387 vs
-# 477-500 at batch 64 (2-core Zen 4, docs/PERFORMANCE.md).
+# From this batch size up, XLA:CPU's fused YNNPACK inference graph (``lax``
+# convolutions and ``reduce_window`` pooling) beats the Eigen-routed forward:
+# 535-725 vs 459-520 images/s at batch 128-512, but 316-387 vs 477-500 at
+# batch 64 (2-core Zen 4, docs/PERFORMANCE.md).
 _YNN_INFERENCE_MIN_BATCH = 128
 
 
@@ -91,10 +95,10 @@ def resolve_impl(impl: str, *, train: bool, batch_size: int) -> str:
   """The implementation ``'auto'`` stands for in one forward pass.
 
   Off the CPU, ``'lax'``. On the CPU, ``'matmul'`` for training (its custom
-  VJP is the fast backward pass) and for small inference batches, ``'lax'``
-  for inference batches of at least 128 (see the module docstring).
-  ``'lax'`` and ``'matmul'`` are returned as they are. All choices give the
-  same values up to float32 rounding.
+  VJP is the fast backward pass) and for small inference batches,
+  ``'ynnpack'`` for inference batches of at least 128 (see the module
+  docstring). Other implementations are returned as they are. All choices
+  give the same values up to float32 rounding.
 
   Args:
     impl: One of `IMPLS`.
@@ -111,7 +115,7 @@ def resolve_impl(impl: str, *, train: bool, batch_size: int) -> str:
   if jax.default_backend() != 'cpu':
     return 'lax'
   if not train and batch_size >= _YNN_INFERENCE_MIN_BATCH:
-    return 'lax'
+    return 'ynnpack'
   return 'matmul'
 
 
@@ -120,8 +124,10 @@ def conv_general_dilated_for(impl: str) -> ConvFn:
 
   Args:
     impl: ``'lax'`` for ``jax.lax.conv_general_dilated``; ``'matmul'`` for
-      `matmul_conv_general_dilated`; ``'auto'`` for `auto_conv_general_dilated`
-      (matmul on the CPU backend, lax on GPU and TPU).
+      `matmul_conv_general_dilated`; ``'ynnpack'`` for
+      `ynnpack_conv_general_dilated`; ``'auto'`` for
+      `auto_conv_general_dilated` (matmul on the CPU backend, lax on GPU and
+      TPU).
 
   Raises:
     ValueError: ``impl`` is none of these.
@@ -130,6 +136,8 @@ def conv_general_dilated_for(impl: str) -> ConvFn:
     return lax.conv_general_dilated
   if impl == 'matmul':
     return matmul_conv_general_dilated
+  if impl == 'ynnpack':
+    return ynnpack_conv_general_dilated
   if impl == 'auto':
     return auto_conv_general_dilated
   raise ValueError(f'Unknown conv impl {impl!r}; expected one of {IMPLS}.')
@@ -138,22 +146,55 @@ def conv_general_dilated_for(impl: str) -> ConvFn:
 def max_pool_for(impl: str, window: tuple[int, int]) -> PoolFn:
   """The non-overlapping NHWC max-pooling (stride = window, VALID) for ``impl``.
 
-  ``'lax'`` is ``flax.linen.max_pool`` (``lax.reduce_window``, whose gradient
-  is a ``select_and_scatter``); ``'matmul'`` is `max_pool_fast`; ``'auto'`` is
-  `max_pool_fast` on CPU and ``flax.linen.max_pool`` elsewhere. All three give
-  the same values and the same gradients (ties included).
+  ``'lax'`` and ``'ynnpack'`` are ``flax.linen.max_pool``
+  (``lax.reduce_window``, which YNNPACK's inference graph takes in; its
+  gradient is a ``select_and_scatter``); ``'matmul'`` is `max_pool_fast`;
+  ``'auto'`` is `max_pool_fast` on CPU and ``flax.linen.max_pool`` elsewhere.
+  All give the same values and the same gradients (ties included).
 
   Raises:
     ValueError: ``impl`` is not one of `IMPLS`.
   """
   window = tuple(int(k) for k in window)
-  if impl == 'lax':
+  if impl in ('lax', 'ynnpack'):
     return functools.partial(_flax_max_pool, window=window)
   if impl == 'matmul':
     return functools.partial(max_pool_fast, window=window)
   if impl == 'auto':
     return functools.partial(_auto_max_pool, window=window)
   raise ValueError(f'Unknown conv impl {impl!r}; expected one of {IMPLS}.')
+
+
+def relu_for(impl: str, in_channels: int) -> Callable[[jax.Array], jax.Array]:
+  """The ReLU to apply after a convolution of ``in_channels`` input channels.
+
+  ``flax.linen.relu`` (``max(x, 0)``), except after the convolutions that
+  `ynnpack_conv_general_dilated` computes as shifted products: there it is
+  written as a select. XLA:CPU gives ``max`` to YNNPACK, which reads its zero
+  operand as a tensor XLA writes out in full (69 MB for the study's first
+  layer at batch 256); a select YNNPACK does not take, so XLA fuses it into
+  the convolution's loop. Both give the same values and gradients: NaN stays
+  NaN, and the gradient at 0 is 0.
+
+  Raises:
+    ValueError: ``impl`` is not one of `IMPLS`.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f'Unknown conv impl {impl!r}; expected one of {IMPLS}.')
+  if impl == 'ynnpack' and in_channels <= _SHIFTED_PRODUCTS_MAX_IN_CHANNELS:
+    return _relu_as_select
+  return nn.relu
+
+
+@jax.custom_jvp
+def _relu_as_select(x: jax.Array) -> jax.Array:
+  return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
+
+
+# jax.nn.relu's derivative: 0 at 0 and at NaN.
+_relu_as_select.defjvps(
+    lambda g, ans, x: lax.select(x > 0, g, lax.full_like(g, 0))
+)
 
 
 def _flax_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
@@ -340,6 +381,83 @@ def _supported_pads(
   if min(out_hw) < 1:
     return None
   return tuple((int(lo), int(hi)) for lo, hi in pads)
+
+
+# Wider inputs stay on ``lax`` (inside YNNPACK's graph) under 'ynnpack'.
+_SHIFTED_PRODUCTS_MAX_IN_CHANNELS = 1
+
+
+def ynnpack_conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+  """``lax.conv_general_dilated``, single-channel inputs as shifted products.
+
+  Same signature and values as ``lax.conv_general_dilated``. Why: in
+  inference XLA:CPU runs the study's network as one YNNPACK graph, all but
+  its first convolution, whose input has one channel. That one ran alone in
+  YNNPACK (11 ms at batch 256), its bias add in a loop of its own (5 ms),
+  and its ReLU read a zero tensor written out in full (9 ms;
+  docs/PERFORMANCE.md, sessions 10 and 11). Written as the sum over the
+  kernel's taps of the shifted input times the tap's output-channel
+  weights, XLA fuses it with the bias add and `relu_for`'s ReLU into one
+  loop. The products and their sum are float32 (``precision`` does not
+  apply to them). Calls with more input channels, or outside the supported
+  case of `matmul_conv_general_dilated`, are delegated to ``lax``.
+  """
+  pads = _supported_pads(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation,
+      rhs_dilation,
+      dimension_numbers,
+      feature_group_count,
+      batch_group_count,
+      preferred_element_type,
+  )
+  if pads is None or rhs.shape[2] > _SHIFTED_PRODUCTS_MAX_IN_CHANNELS:
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+    )
+  if any(p for pair in pads for p in pair):
+    lhs = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
+  return _shifted_products(lhs, rhs)
+
+
+def _shifted_products(x: jax.Array, w: jax.Array) -> jax.Array:
+  """The VALID convolution as a sum of ``kh * kw * cin`` broadcast products."""
+  kh, kw, cin, _ = w.shape
+  ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  xa, wa = x.astype(acc), w.astype(acc)
+  terms = (
+      xa[:, i : i + ho, j : j + wo, c : c + 1] * wa[i, j, c]
+      for i in range(kh)
+      for j in range(kw)
+      for c in range(cin)
+  )
+  return functools.reduce(jnp.add, terms).astype(x.dtype)
 
 
 # Below these sizes the Eigen forward loses to the plain one (measured on a

@@ -176,14 +176,16 @@ class Dropout(nn.Dropout):
 def dropout_for(impl: str) -> type[nn.Dropout]:
   """The dropout layer for a resolved implementation (`agejax.conv`).
 
-  ``'lax'`` is ``flax.linen.Dropout``; ``'matmul'`` (the CPU paths) is
-  `Dropout`. Both give the same masks.
+  ``'lax'`` and ``'ynnpack'`` are ``flax.linen.Dropout``; ``'matmul'`` (the
+  CPU training paths) is `Dropout`. Both give the same masks.
 
   Raises:
-    ValueError: ``impl`` is neither (resolve ``'auto'`` first).
+    ValueError: ``impl`` is none of these (resolve ``'auto'`` first).
   """
-  if impl == 'lax':
+  if impl in ('lax', 'ynnpack'):
     return nn.Dropout
   if impl == 'matmul':
     return Dropout
-  raise ValueError(f"dropout_for takes 'lax' or 'matmul', got {impl!r}.")
+  raise ValueError(
+      f"dropout_for takes 'lax', 'matmul' or 'ynnpack', got {impl!r}."
+  )

@@ -44,8 +44,8 @@ class CNN(nn.Module):
       Keras: they use, and never update, their running statistics.
     bn_momentum: Decay of the BatchNorm running statistics. Keras' 0.99 needs
       a few hundred steps to settle; short runs want about 0.9.
-    conv_impl: Convolution, max-pooling and dropout implementation
-      (``'auto'``, ``'lax'`` or ``'matmul'``), resolved per pass by
+    conv_impl: Convolution, ReLU, max-pooling and dropout implementation
+      (one of `agejax.conv.IMPLS`), resolved per pass by
       `agejax.conv.resolve_impl`.
     dtype: Computation dtype (``jnp.bfloat16`` for mixed precision). Parameters
       and BatchNorm statistics are always float32.
@@ -81,6 +81,7 @@ class CNN(nn.Module):
     dropout = dropout_lib.dropout_for(impl)
     for b, filters in enumerate(self.conv_filters, start=1):
       for c, features in enumerate(filters, start=1):
+        relu = conv_lib.relu_for(impl, x.shape[-1])
         x = nn.Conv(
             features,
             (3, 3),
@@ -89,7 +90,7 @@ class CNN(nn.Module):
             conv_general_dilated=conv_fn,
             name=f'block{b}/conv{c}',
         )(x)
-        x = nn.relu(x)
+        x = relu(x)
         x = self._batch_norm(f'block{b}/bn{c}', train)(x)
       x = max_pool(x)
       x = dropout(self.conv_dropout, deterministic=not train)(x)

@@ -22,8 +22,10 @@ choices and for the training-speed ceiling, so they live here, runnable:
       (the same masks; the hash written out instead of JAX's rolled loop).
   python -m benchmarks.cpu_paths --what=eval --batch_sizes=64,128,256,512
       `agejax.steps.eval_step` of the study's age network with
-      ``conv_impl='matmul'`` vs ``'lax'``, interleaved in one process: where
-      `agejax.conv.resolve_impl` switches inference to ``lax``.
+      ``conv_impl='matmul'``, ``'lax'`` and ``'ynnpack'``, interleaved in one
+      process: where `agejax.conv.resolve_impl` switches inference from
+      ``matmul`` to ``ynnpack``, and what ``ynnpack``'s first layer gains
+      over plain ``lax``.
   python -m benchmarks.cpu_paths --what=train --batch_sizes=64,256 [--variants=...] [--scan_batches=8]
       `agejax.steps.train_step` (or, with ``--scan_batches``, the scanned
       `agejax.steps.train_epoch`), interleaved in one process, as shipped and
@@ -293,12 +295,16 @@ def _interleaved(runs: Mapping[str, Callable[[], None]], repeats: int) -> dict[s
 
 
 def _eval(batch_sizes: Sequence[int], repeats: int) -> None:
-  print(f'images/s, steps.eval_step, median of {repeats} interleaved\n| batch | matmul | lax |\n|---|---|---|')
+  impls = ('matmul', 'lax', 'ynnpack')
+  print(
+      f'images/s, steps.eval_step, median of {repeats} interleaved\n| batch | '
+      + ' | '.join(impls) + ' |\n' + '|---' * (len(impls) + 1) + '|'
+  )
   rng = np.random.default_rng(0)
   for batch_size in batch_sizes:
     batch = _batch(batch_size, rng)
     runs = {}
-    for impl in ('matmul', 'lax'):
+    for impl in impls:
       state = _state(impl)
       runs[impl] = lambda state=state: jax.block_until_ready(steps.eval_step(state, batch))
       runs[impl]()

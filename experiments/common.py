@@ -24,6 +24,7 @@ from agejax import ages
 from agejax import augment
 from agejax import checkpoints
 from agejax import config as config_lib
+from agejax import conv
 from agejax import freezing
 from agejax import parallel
 from agejax import run_logging
@@ -97,7 +98,7 @@ flags.DEFINE_integer(
 # Model.
 flags.DEFINE_list('dense_units', None, 'Hidden dense layers of the head (default: task preset).')
 flags.DEFINE_float('bn_momentum', 0.99, "BatchNorm running-statistics decay (Keras' 0.99).")
-flags.DEFINE_enum('conv_impl', 'auto', ['auto', 'lax', 'matmul'], 'Convolution implementation.')
+flags.DEFINE_enum('conv_impl', 'auto', list(conv.IMPLS), 'Convolution implementation (agejax.conv).')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Computation dtype.')
 
 # Training.

@@ -365,6 +365,119 @@ class MatmulConvTest(chex.TestCase):
       )
 
 
+# (batch, height, width, in channels, out channels, kernel): the study's first
+# layer, odd sizes, and (more than one input channel) shapes left to lax.
+_YNNPACK_SHAPES = (
+    (2, 48, 48, 1, 32, (3, 3)),
+    (3, 11, 7, 1, 6, (3, 2)),
+    (2, 5, 5, 1, 2, (5, 4)),
+    (1, 6, 9, 1, 3, (1, 1)),
+    (2, 9, 9, 3, 4, (3, 3)),
+    (2, 12, 12, 8, 5, (3, 3)),
+)
+
+
+def _conv_primitives(fn, x, k, *args, **kwargs) -> int:
+  """How many convolutions ``fn(x, k, ...)`` traces to."""
+  jaxpr = jax.make_jaxpr(lambda a, b: fn(a, b, *args, **kwargs))(x, k)
+  return str(jaxpr).count('conv_general_dilated')
+
+
+class YnnpackConvTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(
+      shape=_YNNPACK_SHAPES, padding=('VALID', 'SAME', ((1, 2), (0, 1)))
+  )
+  def test_forward_and_gradients_match_lax(self, shape, padding):
+    x, k = _inputs(*shape)
+    kwargs = dict(padding=padding, dimension_numbers=_NHWC)
+    want_y, want_grads = _vjp(lax.conv_general_dilated, x, k, **kwargs)
+    got_y, got_grads = self.variant(
+        lambda a, b: _vjp(conv.ynnpack_conv_general_dilated, a, b, **kwargs)
+    )(x, k)
+    chex.assert_shape(got_y, want_y.shape)
+    chex.assert_trees_all_close(got_y, want_y, rtol=_TOL, atol=_TOL)
+    chex.assert_trees_all_close(got_grads, want_grads, rtol=_TOL, atol=_TOL)
+
+  @parameterized.parameters((1, 0), (2, 1), (3, 1), (32, 1))
+  def test_only_single_channel_inputs_leave_lax(self, cin, want_convs):
+    x, k = _inputs(2, 8, 8, cin, 4, (3, 3))
+    got = _conv_primitives(
+        conv.ynnpack_conv_general_dilated, x, k, (1, 1), 'VALID',
+        dimension_numbers=_NHWC,
+    )
+    self.assertEqual(got, want_convs)
+
+  @parameterized.named_parameters(
+      ('stride', dict(window_strides=(2, 1))),
+      ('rhs_dilation', dict(rhs_dilation=(2, 2))),
+      ('lhs_dilation', dict(lhs_dilation=(1, 2), padding=((0, 0), (0, 0)))),
+      ('nhwc_ohwi', dict(dimension_numbers=('NHWC', 'OHWI', 'NHWC'))),
+      ('nchw_output', dict(dimension_numbers=('NHWC', 'HWIO', 'NCHW'))),
+      ('negative_padding', dict(padding=((-1, 0), (0, 0)))),
+      ('preferred_element_type', dict(preferred_element_type=jnp.float32)),
+  )
+  def test_unsupported_config_falls_back_to_lax(self, overrides):
+    x, k = _inputs(2, 8, 8, 1, 4, (3, 3))
+    kwargs = dict(
+        window_strides=(1, 1), padding='VALID', dimension_numbers=_NHWC
+    )
+    kwargs.update(overrides)
+    if kwargs['dimension_numbers'][1] == 'OHWI':
+      k = jnp.transpose(k, (3, 0, 1, 2))
+    want = lax.conv_general_dilated(x, k, **kwargs)
+    got = conv.ynnpack_conv_general_dilated(x, k, **kwargs)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+    strides, padding = kwargs.pop('window_strides'), kwargs.pop('padding')
+    self.assertEqual(
+        _conv_primitives(
+            conv.ynnpack_conv_general_dilated, x, k, strides, padding, **kwargs
+        ),
+        1,
+    )
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_bfloat16_errs_no_more_than_bfloat16_lax(self):
+    # Float32 products and sums, rounded once to bfloat16 at the end.
+    x, k = _inputs(2, 48, 48, 1, 32, (3, 3))
+    bf = lambda a: a.astype(jnp.bfloat16)
+    run = lambda fn, a, b: fn(a, b, (1, 1), 'VALID', dimension_numbers=_NHWC)
+    want = run(lax.conv_general_dilated, x, k)
+    baseline = run(lax.conv_general_dilated, bf(x), bf(k))
+    got = self.variant(
+        lambda a, b: run(conv.ynnpack_conv_general_dilated, a, b)
+    )(bf(x), bf(k))
+    self.assertEqual(got.dtype, jnp.bfloat16)
+    error = lambda a: float(jnp.max(jnp.abs(a.astype(jnp.float32) - want)))
+    self.assertLessEqual(error(got), error(baseline))
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      # impl, input channels of the convolution before it, written as select
+      ('ynnpack', 1, True),
+      ('ynnpack', 3, False),
+      ('lax', 1, False),
+      ('matmul', 1, False),
+      ('auto', 1, False),
+  )
+  def test_relu_for(self, impl, in_channels, select):
+    relu = conv.relu_for(impl, in_channels)
+    x = jnp.array(
+        [-jnp.inf, -2.0, -1e-30, -0.0, 0.0, 1e-30, 3.0, jnp.inf, jnp.nan]
+    )
+    jaxpr = str(jax.make_jaxpr(relu)(x))
+    self.assertEqual('select_n' in jaxpr, select)
+    self.assertEqual('max' in jaxpr, not select)
+    got = self.variant(jax.vmap(jax.value_and_grad(relu)))(x)
+    want = jax.vmap(jax.value_and_grad(nn.relu))(x)
+    chex.assert_trees_all_equal(got, want)
+
+  def test_relu_for_unknown_impl_raises(self):
+    with self.assertRaisesRegex(ValueError, 'Unknown conv impl'):
+      conv.relu_for('im2col', 1)
+
+
 def _pool_inputs(shape, seed=0):
   """Values on a coarse grid (many ties) and ReLU zeros (4-way ties)."""
   x = jnp.round(jax.random.normal(jax.random.PRNGKey(seed), shape) * 2) / 2
@@ -411,6 +524,7 @@ class MaxPoolFastTest(chex.TestCase):
 
   @parameterized.parameters(
       ('lax', 'cpu', False),
+      ('ynnpack', 'cpu', False),
       ('matmul', 'cpu', True),
       ('matmul', 'gpu', True),
       ('auto', 'cpu', True),
@@ -435,10 +549,11 @@ class MaxPoolFastTest(chex.TestCase):
 
 class ConvGeneralDilatedForTest(parameterized.TestCase):
 
-  def test_lax_and_matmul(self):
+  def test_lax_matmul_and_ynnpack(self):
     for_ = conv.conv_general_dilated_for
     self.assertIs(for_('lax'), lax.conv_general_dilated)
     self.assertIs(for_('matmul'), conv.matmul_conv_general_dilated)
+    self.assertIs(for_('ynnpack'), conv.ynnpack_conv_general_dilated)
 
   @parameterized.parameters(('cpu', True), ('gpu', False), ('tpu', False))
   def test_auto_picks_by_backend(self, backend, want_matmul):
@@ -456,10 +571,12 @@ class ConvGeneralDilatedForTest(parameterized.TestCase):
       ('lax', 'cpu', False, 512, 'lax'),
       ('matmul', 'cpu', False, 512, 'matmul'),
       ('matmul', 'gpu', True, 64, 'matmul'),
+      ('ynnpack', 'cpu', True, 64, 'ynnpack'),
+      ('ynnpack', 'gpu', False, 512, 'ynnpack'),
       ('auto', 'cpu', True, 64, 'matmul'),
       ('auto', 'cpu', True, 512, 'matmul'),
       ('auto', 'cpu', False, 127, 'matmul'),
-      ('auto', 'cpu', False, 128, 'lax'),
+      ('auto', 'cpu', False, 128, 'ynnpack'),
       ('auto', 'gpu', True, 64, 'lax'),
       ('auto', 'tpu', False, 8, 'lax'),
   )

@@ -160,7 +160,9 @@ class DropoutTest(parameterized.TestCase):
     ]
     chex.assert_trees_all_equal(*outs)
 
-  @parameterized.parameters(('lax', nn.Dropout), ('matmul', dropout.Dropout))
+  @parameterized.parameters(
+      ('lax', nn.Dropout), ('ynnpack', nn.Dropout), ('matmul', dropout.Dropout)
+  )
   def test_dropout_for(self, impl, want):
     self.assertIs(dropout.dropout_for(impl), want)
 

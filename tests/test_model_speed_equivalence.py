@@ -79,6 +79,18 @@ class CnnSpeedEquivalenceTest(parameterized.TestCase):
     )
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
 
+  def test_ynnpack_training_step_equals_lax(self):
+    # The first convolution as shifted products, its ReLU as a select; the
+    # rest is lax. Meant for inference, but it trains the same too.
+    images, labels = _batch(4)
+    want = _step(
+        model.age_model(conv_impl='lax', frozen_bn=_ALL_BN), images, labels
+    )
+    got = _step(
+        model.age_model(conv_impl='ynnpack', frozen_bn=_ALL_BN), images, labels
+    )
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+
   def test_bfloat16_matmul_training_step_errs_like_bfloat16_lax(self):
     # In bfloat16 the matmul path runs Winograd with bfloat16 tiles on the
     # layers with at least 64 input channels. Against the float32 lax step,
@@ -138,15 +150,18 @@ class CnnSpeedEquivalenceTest(parameterized.TestCase):
     )
 
   @parameterized.parameters((24, True), (128, False))
-  def test_auto_eval_resolves_by_batch_and_equals_lax(self, batch, custom):
+  def test_auto_eval_resolves_by_batch_and_equals_lax(self, batch, matmul):
     # On CPU, 'auto' inference takes the matmul path below batch 128 and
-    # plain lax (one fused YNNPACK graph) from 128 up; values agree either way.
+    # 'ynnpack' (lax convolutions in one fused YNNPACK graph, the first as
+    # shifted products) from 128 up; values agree either way.
     images, _ = _batch(batch)
     net = model.age_model(conv_impl='auto')
     variables = net.init(jax.random.PRNGKey(0), images[:1], train=False)
     apply = lambda v, x: net.apply(v, x, train=False)
     jaxpr = str(jax.make_jaxpr(apply)(variables, images))
-    self.assertEqual('custom_vjp_call' in jaxpr, custom)
+    self.assertEqual('custom_vjp_call' in jaxpr, matmul)
+    if not matmul:
+      self.assertEqual(jaxpr.count('conv_general_dilated'), 5)
     want = jax.jit(
         lambda v, x: model.age_model(conv_impl='lax').apply(v, x, train=False)
     )(variables, images)
