@@ -1,27 +1,40 @@
-"""glibc malloc settings under which XLA:CPU reuses host memory between steps.
+"""Host memory allocator settings under which XLA:CPU reuses memory between steps.
 
 Why: XLA:CPU allocates an executable's temporaries afresh on every call, and
 glibc serves large requests (and every large request from a worker thread's
 arena) with a fresh ``mmap`` that the kernel backs page by page on first touch
 and unmaps again on ``free``. So every training step page-faults its whole
 working set back in: on the study's network a third of a core, ~20 % of a
-2-core CPU's time, went to the kernel (docs/PERFORMANCE.md). With one arena,
-no ``mmap`` and no trimming, freed blocks stay in the heap and the next step
-reuses them. The price: the process keeps its peak heap until it exits,
-and its threads share one malloc arena.
+2-core CPU's time, went to the kernel (docs/PERFORMANCE.md). Three modes:
 
-glibc reads these settings when a process starts, and a worker thread's arena
-serves large blocks by ``mmap`` whatever ``mallopt`` says later, so they have
-to be in the environment before the process starts. `reexec` starts the
+* ``'mimalloc'``, the default where the ``cmeel-mimalloc`` package (an agejax
+  dependency on Linux) is installed: the mimalloc allocator, preloaded, told
+  never to return freed memory to the system (``MIMALLOC_PURGE_DELAY=-1``).
+  Each thread allocates from its own heap, without a lock.
+* ``'retain'``, the default otherwise: glibc with one arena, no ``mmap`` and
+  no trimming, so freed blocks stay in the heap and the next step reuses
+  them. But XLA's worker threads then share that arena's lock, and once a
+  training step has fragmented the heap they wait on it: an evaluation step
+  ran ~20 % slower after training than before it, and training ~15-25 %
+  slower than under mimalloc (docs/PERFORMANCE.md, session 11). glibc cannot
+  give each thread an arena of its own without those arenas mapping blocks
+  over 64 MB afresh on every call.
+* ``'system'``: the C library's allocator with its default settings.
+
+The process keeps its peak heap until it exits under either of the first two.
+The dynamic loader and glibc read these settings when a process starts, so
+they have to be in the environment before it starts. `reexec` starts the
 program again with them (same interpreter, same arguments, same pid); the
-experiments' entry points call it first. Only the GNU C library on Linux
-reads them; elsewhere nothing changes.
+experiments' entry points call it first. Only the GNU C library on Linux is
+handled; elsewhere nothing changes.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
+import re
 import sys
 from typing import Mapping
 
@@ -31,27 +44,60 @@ RETAIN_ENV = {
     'MALLOC_MMAP_MAX_': '0',
     'MALLOC_TRIM_THRESHOLD_': str(2**62),
 }
-MODES = ('retain', 'system')
-# Chooses the mode when `reexec` is given none: ``system`` opts out.
+# What `reexec` adds for ``'mimalloc'``, besides the preload: keep freed memory.
+MIMALLOC_ENV = {'MIMALLOC_PURGE_DELAY': '-1'}
+MODES = ('mimalloc', 'retain', 'system')
+# Chooses the mode when `reexec` is given none.
 MODE_VARIABLE = 'AGEJAX_HOST_MALLOC'
+
+_PRELOAD = 'LD_PRELOAD'
+_MIMALLOC_PACKAGE = 'cmeel-mimalloc'
+
+
+def mimalloc_library() -> str | None:
+  """The path of the ``cmeel-mimalloc`` package's shared library, or None."""
+  try:
+    files = importlib.metadata.distribution(_MIMALLOC_PACKAGE).files or ()
+  except importlib.metadata.PackageNotFoundError:
+    return None
+  paths = sorted(
+      str(f.locate()) for f in files if re.fullmatch(r'libmimalloc\.so[.\d]*', f.name)
+  )
+  return next((p for p in paths if os.path.isfile(p)), None)
+
+
+def default_mode() -> str:
+  """`MODE_VARIABLE` if set; else ``'mimalloc'`` where installed, ``'retain'``."""
+  return os.environ.get(MODE_VARIABLE) or (
+      'mimalloc' if mimalloc_library() else 'retain'
+  )
+
+
+def _is_mimalloc(entry: str) -> bool:
+  return os.path.basename(entry).startswith('libmimalloc')
 
 
 def host_malloc_env(
-    environ: Mapping[str, str], mode: str, libc: str
+    environ: Mapping[str, str], mode: str, libc: str, mimalloc: str | None
 ) -> dict[str, str] | None:
   """The environment to restart with for ``mode``, or None to keep this one.
 
-  ``'retain'`` adds `RETAIN_ENV` unless any of its variables is set already
-  (the user's own setting wins); ``'system'`` removes them. Nothing changes
-  unless ``libc`` is ``'glibc'``.
+  ``'mimalloc'`` puts ``mimalloc`` first in ``LD_PRELOAD`` and adds
+  `MIMALLOC_ENV`, unless ``LD_PRELOAD`` names a mimalloc library already.
+  ``'retain'`` and ``'system'`` take any mimalloc library out of
+  ``LD_PRELOAD``; then ``'retain'`` adds `RETAIN_ENV` unless any of its
+  variables is set already (the user's own setting wins), and ``'system'``
+  removes them. Nothing changes unless ``libc`` is ``'glibc'``.
 
   Args:
     environ: The current environment.
     mode: One of `MODES`.
     libc: The C library, as ``platform.libc_ver()[0]`` names it.
+    mimalloc: The mimalloc library to preload (`mimalloc_library`).
 
   Raises:
-    ValueError: ``mode`` is not one of `MODES`.
+    ValueError: ``mode`` is not one of `MODES`, or is ``'mimalloc'`` while
+      ``mimalloc`` is None.
   """
   if mode not in MODES:
     raise ValueError(
@@ -60,16 +106,35 @@ def host_malloc_env(
     )
   if libc != 'glibc':
     return None
-  present = [name for name in RETAIN_ENV if name in environ]
-  if mode == 'retain':
-    return None if present else {**environ, **RETAIN_ENV}
-  if not present:
-    return None
-  return {k: v for k, v in environ.items() if k not in RETAIN_ENV}
+  preload = re.split(r'[\s:]+', environ.get(_PRELOAD, '').strip())
+  preload = [entry for entry in preload if entry]
+  env = dict(environ)
+  if mode == 'mimalloc':
+    if any(_is_mimalloc(entry) for entry in preload):
+      return None
+    if mimalloc is None:
+      raise ValueError(
+          f"Host malloc mode 'mimalloc' needs the {_MIMALLOC_PACKAGE} package:"
+          f' pip install {_MIMALLOC_PACKAGE}, or set {MODE_VARIABLE}=retain.'
+      )
+    env[_PRELOAD] = ' '.join([mimalloc, *preload])
+    env.update({k: v for k, v in MIMALLOC_ENV.items() if k not in environ})
+    return env
+  kept = [entry for entry in preload if not _is_mimalloc(entry)]
+  if kept != preload:
+    if kept:
+      env[_PRELOAD] = ' '.join(kept)
+    else:
+      del env[_PRELOAD]
+  if mode == 'retain' and not any(name in environ for name in RETAIN_ENV):
+    env.update(RETAIN_ENV)
+  if mode == 'system':
+    env = {k: v for k, v in env.items() if k not in RETAIN_ENV}
+  return None if env == dict(environ) else env
 
 
 def reexec(mode: str | None = None) -> None:
-  """Restarts this program under ``mode``'s malloc settings, if they differ.
+  """Restarts this program under ``mode``'s allocator settings, if they differ.
 
   Call it first thing in a program's entry point, before output is written
   or files are opened: ``os.execve`` replaces the process, so the program
@@ -77,15 +142,16 @@ def reexec(mode: str | None = None) -> None:
   without restarting when the environment already fits.
 
   Args:
-    mode: ``'retain'`` or ``'system'`` (see `host_malloc_env`); None reads
-      `MODE_VARIABLE`, ``'retain'`` if unset.
+    mode: One of `MODES` (see `host_malloc_env`); None for `default_mode`.
 
   Raises:
-    ValueError: The mode is not one of `MODES`.
+    ValueError: The mode is not one of `MODES`, or is ``'mimalloc'`` and
+      the ``cmeel-mimalloc`` package is not installed.
   """
-  if mode is None:
-    mode = os.environ.get(MODE_VARIABLE, 'retain')
-  env = host_malloc_env(os.environ, mode, platform.libc_ver()[0])
+  mode = mode or default_mode()
+  env = host_malloc_env(
+      os.environ, mode, platform.libc_ver()[0], mimalloc_library()
+  )
   if env is None:
     return
   sys.stdout.flush()

@@ -44,8 +44,8 @@ choices and for the training-speed ceiling, so they live here, runnable:
       leave the column out with ``--variants``).
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
-      CPU time spent in the kernel, minor page faults per step and the
-      process's peak RSS.
+      CPU time spent in the kernel, minor page faults and voluntary context
+      switches (threads blocking) per step, and the process's peak RSS.
   python -m benchmarks.cpu_paths --what=profile --batch_size=64 --repeats=8 [--step=eval_step]
       Where one `agejax.steps.train_step` (or ``eval_step``) spends its time:
       a `jax.profiler` trace of ``--repeats`` steps, each XLA:CPU operation's
@@ -57,8 +57,8 @@ choices and for the training-speed ceiling, so they live here, runnable:
 
 Times are the minimum (layers) or median (eval, train) of ``--repeats`` runs
 after warm-up; run it on an otherwise idle machine. Every measurement runs
-under ``--host_malloc`` (`agejax.host_malloc`; default ``retain``, as the
-experiments train).
+under ``--host_malloc`` (`agejax.host_malloc`; by default the allocator the
+experiments train under).
 """
 
 from __future__ import annotations
@@ -110,10 +110,11 @@ _BATCH_SIZES = flags.DEFINE_list(
 )
 _HOST_MALLOC = flags.DEFINE_enum(
     'host_malloc',
-    'retain',
+    None,
     host_malloc.MODES,
-    'glibc malloc settings (agejax.host_malloc) for the measurements: retain'
-    ' freed memory, as the experiments do, or the system default.',
+    'Host allocator (agejax.host_malloc) for the measurements: mimalloc or'
+    ' glibc retaining freed memory, as the experiments run, or the system'
+    ' default. Default: what the experiments use (host_malloc.default_mode()).',
 )
 _REPEATS = flags.DEFINE_integer('repeats', 7, 'Timed repeats.')
 _SCAN_BATCHES = flags.DEFINE_integer(
@@ -465,9 +466,10 @@ def _train(
 def _host(batch_sizes: Sequence[int], repeats: int) -> None:
   """Where a training step's CPU time goes: user code or the kernel."""
   print(
-      f'steps.train_step, {repeats} steps, host malloc {_HOST_MALLOC.value}\n'
+      f'steps.train_step, {repeats} steps, host malloc'
+      f' {_HOST_MALLOC.value or host_malloc.default_mode()}\n'
       '| batch | ms per step | cores busy | kernel share of CPU time | minor page faults per step'
-      ' | peak RSS of the process |\n|---|---|---|---|---|---|'
+      ' | waits per step | peak RSS of the process |\n|---|---|---|---|---|---|---|'
   )
   key = jax.random.PRNGKey(1)
   for batch_size in batch_sizes:
@@ -476,19 +478,21 @@ def _host(batch_sizes: Sequence[int], repeats: int) -> None:
     for _ in range(2):
       state, out = steps.train_step(state, batch, key)
       jax.block_until_ready(out)
-    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    usage0 = resource.getrusage(resource.RUSAGE_SELF)
     cpu0, start = os.times(), time.perf_counter()
     for _ in range(repeats):
       state, out = steps.train_step(state, batch, key)
       jax.block_until_ready(out)
     wall, cpu1 = time.perf_counter() - start, os.times()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    faults = usage.ru_minflt - faults0
+    faults = usage.ru_minflt - usage0.ru_minflt
+    # Voluntary context switches: a thread blocking, e.g. on a lock.
+    waits = usage.ru_nvcsw - usage0.ru_nvcsw
     user, system = cpu1.user - cpu0.user, cpu1.system - cpu0.system
     print(
         f'| {batch_size} | {wall / repeats * 1e3:.0f} | {(user + system) / wall:.2f}'
         f' | {system / (user + system):.0%} | {faults / repeats:,.0f}'
-        f' | {usage.ru_maxrss / 2**20:.1f} GiB |',
+        f' | {waits / repeats:,.0f} | {usage.ru_maxrss / 2**20:.1f} GiB |',
         flush=True,
     )
 

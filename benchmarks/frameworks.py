@@ -11,8 +11,8 @@ Each framework runs in its own worker process (so thread pools do not
 compete) and the driver asks the workers for one timed repeat in turn, so
 that load from other users of a shared machine hits every framework alike.
 Each row is the median over ``--repeats`` of ``--steps`` steps, after
-``--warmup`` untimed steps. Every worker runs under the same glibc malloc
-settings (``--host_malloc``, see `agejax.host_malloc`), and the driver pauses
+``--warmup`` untimed steps. Every worker runs under the same host allocator
+(``--host_malloc``, see `agejax.host_malloc`), and the driver pauses
 ``--settle_s`` before each timed repeat so that the previous worker's
 spinning threads do not slow the next one.
 
@@ -68,11 +68,12 @@ _SETTLE_S = flags.DEFINE_float(
 )
 _HOST_MALLOC = flags.DEFINE_enum(
     'host_malloc',
-    'retain',
+    None,
     host_malloc.MODES,
-    'glibc malloc settings (agejax.host_malloc) for every worker, so all'
-    ' frameworks run alike: retain freed memory, as the experiments do, or'
-    ' the system default.',
+    'Host allocator (agejax.host_malloc) for every worker, so all frameworks'
+    ' run alike: mimalloc or glibc retaining freed memory, as the experiments'
+    ' run, or the system default. Default: what the experiments use'
+    ' (host_malloc.default_mode()).',
 )
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats per row.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Steps per timed repeat.')

@@ -1,10 +1,12 @@
 """Tests for agejax.host_malloc."""
 
+import importlib.metadata
 import os
 import platform
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -12,6 +14,8 @@ from absl.testing import parameterized
 from agejax import host_malloc
 
 _RETAINED = dict(host_malloc.RETAIN_ENV)
+_PURGE = dict(host_malloc.MIMALLOC_ENV)
+_LIB = '/site/cmeel.prefix/lib/libmimalloc.so.3'
 
 
 class HostMallocEnvTest(parameterized.TestCase):
@@ -20,18 +24,78 @@ class HostMallocEnvTest(parameterized.TestCase):
       ('retain_adds_settings', {'A': '1'}, 'retain', 'glibc', {'A': '1', **_RETAINED}),
       ('retain_keeps_retained', {'A': '1', **_RETAINED}, 'retain', 'glibc', None),
       ('retain_keeps_user_setting', {'MALLOC_ARENA_MAX': '4'}, 'retain', 'glibc', None),
+      (
+          'retain_drops_mimalloc',
+          {'LD_PRELOAD': f'{_LIB} /x/liba.so', **_PURGE},
+          'retain',
+          'glibc',
+          {'LD_PRELOAD': '/x/liba.so', **_PURGE, **_RETAINED},
+      ),
       ('system_removes_settings', {'A': '1', **_RETAINED}, 'system', 'glibc', {'A': '1'}),
       ('system_removes_one_setting', {'A': '1', 'MALLOC_MMAP_MAX_': '0'}, 'system', 'glibc', {'A': '1'}),
       ('system_keeps_clean_env', {'A': '1'}, 'system', 'glibc', None),
+      ('system_drops_mimalloc', {'A': '1', 'LD_PRELOAD': _LIB}, 'system', 'glibc', {'A': '1'}),
+      ('mimalloc_preloads', {'A': '1'}, 'mimalloc', 'glibc', {'A': '1', 'LD_PRELOAD': _LIB, **_PURGE}),
+      (
+          'mimalloc_goes_first',
+          {'LD_PRELOAD': '/x/liba.so:/x/libb.so'},
+          'mimalloc',
+          'glibc',
+          {'LD_PRELOAD': f'{_LIB} /x/liba.so /x/libb.so', **_PURGE},
+      ),
+      (
+          'mimalloc_keeps_user_purge_delay',
+          {'MIMALLOC_PURGE_DELAY': '10'},
+          'mimalloc',
+          'glibc',
+          {'LD_PRELOAD': _LIB, 'MIMALLOC_PURGE_DELAY': '10'},
+      ),
+      ('mimalloc_preloaded_already', {'LD_PRELOAD': '/opt/libmimalloc.so.2'}, 'mimalloc', 'glibc', None),
       ('other_libc_unchanged', {'A': '1'}, 'retain', '', None),
       ('musl_unchanged', {'A': '1', **_RETAINED}, 'system', 'musl', None),
+      ('mimalloc_elsewhere_unchanged', {'A': '1'}, 'mimalloc', '', None),
   )
   def test_env(self, environ, mode, libc, expected):
-    self.assertEqual(host_malloc.host_malloc_env(environ, mode, libc), expected)
+    self.assertEqual(
+        host_malloc.host_malloc_env(environ, mode, libc, _LIB), expected
+    )
 
   def test_unknown_mode_raises(self):
     with self.assertRaisesRegex(ValueError, 'AGEJAX_HOST_MALLOC'):
-      host_malloc.host_malloc_env({}, 'jemalloc', 'glibc')
+      host_malloc.host_malloc_env({}, 'jemalloc', 'glibc', _LIB)
+
+  def test_mimalloc_mode_without_library_raises(self):
+    with self.assertRaisesRegex(ValueError, 'pip install cmeel-mimalloc'):
+      host_malloc.host_malloc_env({}, 'mimalloc', 'glibc', None)
+
+  @parameterized.named_parameters(
+      ('variable_wins', 'system', _LIB, 'system'),
+      ('mimalloc_where_installed', None, _LIB, 'mimalloc'),
+      ('retain_otherwise', None, None, 'retain'),
+  )
+  def test_default_mode(self, variable, library, expected):
+    env = {k: v for k, v in os.environ.items() if k != host_malloc.MODE_VARIABLE}
+    if variable:
+      env[host_malloc.MODE_VARIABLE] = variable
+    with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(
+        host_malloc, 'mimalloc_library', return_value=library
+    ):
+      self.assertEqual(host_malloc.default_mode(), expected)
+
+  def test_mimalloc_library_missing_package(self):
+    with mock.patch.object(
+        importlib.metadata,
+        'distribution',
+        side_effect=importlib.metadata.PackageNotFoundError('cmeel-mimalloc'),
+    ):
+      self.assertIsNone(host_malloc.mimalloc_library())
+
+  @absltest.skipUnless(sys.platform == 'linux', 'a dependency on Linux only')
+  def test_mimalloc_library_is_installed(self):
+    path = host_malloc.mimalloc_library()
+    self.assertIsNotNone(path)
+    self.assertTrue(os.path.isfile(path), path)
+    self.assertTrue(os.path.basename(path).startswith('libmimalloc.so'), path)
 
 
 _SCRIPT = textwrap.dedent("""
@@ -41,6 +105,8 @@ _SCRIPT = textwrap.dedent("""
     host_malloc.reexec(*sys.argv[1:2])
     print('args', sys.argv[1:])
     print('env', [os.environ.get(k) for k in sorted(host_malloc.RETAIN_ENV)])
+    with open('/proc/self/maps') as maps:
+      print('mimalloc', 'libmimalloc' in maps.read())
 """)
 
 
@@ -57,29 +123,39 @@ class ReexecTest(parameterized.TestCase):
     return out.splitlines()
 
   def _clean_env(self):
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k not in host_malloc.RETAIN_ENV and k != host_malloc.MODE_VARIABLE
-    }
+    dropped = {*host_malloc.RETAIN_ENV, host_malloc.MODE_VARIABLE, 'LD_PRELOAD'}
+    return {k: v for k, v in os.environ.items() if k not in dropped}
 
   def test_retain_restarts_once(self):
     retained = [host_malloc.RETAIN_ENV[k] for k in sorted(host_malloc.RETAIN_ENV)]
     lines = self._run(['retain', 'x y'], self._clean_env())
     self.assertEqual(
-        lines, ['started', 'started', "args ['retain', 'x y']", f'env {retained}']
+        lines,
+        ['started', 'started', "args ['retain', 'x y']", f'env {retained}', 'mimalloc False'],
     )
 
   def test_mode_variable_opts_out(self):
     env = {**self._clean_env(), host_malloc.MODE_VARIABLE: 'system'}
     lines = self._run([], env)
-    self.assertEqual(lines, ['started', 'args []', 'env [None, None, None]'])
+    self.assertEqual(
+        lines, ['started', 'args []', 'env [None, None, None]', 'mimalloc False']
+    )
 
   def test_system_removes_settings(self):
     env = {**self._clean_env(), **host_malloc.RETAIN_ENV}
     lines = self._run(['system'], env)
     self.assertEqual(
-        lines, ['started', 'started', "args ['system']", 'env [None, None, None]']
+        lines,
+        ['started', 'started', "args ['system']", 'env [None, None, None]', 'mimalloc False'],
+    )
+
+  def test_mimalloc_restarts_once_and_loads(self):
+    if host_malloc.mimalloc_library() is None:
+      self.skipTest('cmeel-mimalloc is not installed')
+    lines = self._run(['mimalloc'], self._clean_env())
+    self.assertEqual(
+        lines,
+        ['started', 'started', "args ['mimalloc']", 'env [None, None, None]', 'mimalloc True'],
     )
 
 
