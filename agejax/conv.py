@@ -168,9 +168,9 @@ def max_pool_for(impl: str, window: tuple[int, int]) -> PoolFn:
 def relu_for(impl: str, in_channels: int) -> Callable[[jax.Array], jax.Array]:
   """The ReLU to apply after a convolution of ``in_channels`` input channels.
 
-  ``flax.linen.relu`` (``max(x, 0)``), except after the convolutions that
-  `ynnpack_conv_general_dilated` computes as shifted products: there it is
-  written as a select. XLA:CPU gives ``max`` to YNNPACK, which reads its zero
+  ``flax.linen.relu`` (``max(x, 0)``), except for ``'ynnpack'`` with as few
+  input channels as `ynnpack_conv_general_dilated` computes as shifted
+  products: there it is written as a select. XLA:CPU gives ``max`` to YNNPACK, which reads its zero
   operand as a tensor XLA writes out in full (69 MB for the study's first
   layer at batch 256); a select YNNPACK does not take, so XLA fuses it into
   the convolution's loop. Both give the same values and gradients: NaN stays
@@ -410,8 +410,8 @@ def ynnpack_conv_general_dilated(
   docs/PERFORMANCE.md, sessions 10 and 11). Written as the sum over the
   kernel's taps of the shifted input times the tap's output-channel
   weights, XLA fuses it with the bias add and `relu_for`'s ReLU into one
-  loop. The products and their sum are float32 (``precision`` does not
-  apply to them). Calls with more input channels, or outside the supported
+  loop. The products and their sum are in float32 or wider (``precision``
+  does not apply to them). Calls with more input channels, or outside the supported
   case of `matmul_conv_general_dilated`, are delegated to ``lax``.
   """
   pads = _supported_pads(

@@ -9,19 +9,22 @@ working set back in: on the study's network a third of a core, ~20 % of a
 
 * ``'mimalloc'``, the default where the ``cmeel-mimalloc`` package (an agejax
   dependency on Linux) is installed: the mimalloc allocator, preloaded, told
-  never to return freed memory to the system (``MIMALLOC_PURGE_DELAY=-1``).
-  Each thread allocates from its own heap, without a lock.
+  not to purge freed memory (``MIMALLOC_PURGE_DELAY=-1``). Each thread
+  allocates from its own heap, without a lock. If ``LD_PRELOAD`` names an
+  allocator already (mimalloc, jemalloc, tcmalloc), it is left as it is.
 * ``'retain'``, the default otherwise: glibc with one arena, no ``mmap`` and
   no trimming, so freed blocks stay in the heap and the next step reuses
   them. But XLA's worker threads then share that arena's lock, and once a
   training step has fragmented the heap they wait on it: an evaluation step
-  ran ~20 % slower after training than before it, and training ~15-25 %
-  slower than under mimalloc (docs/PERFORMANCE.md, session 11). glibc cannot
+  ran ~20 % slower after training than before it; against mimalloc,
+  training ran 7-12 % and evaluation after training 25-30 % slower
+  (docs/PERFORMANCE.md, session 11). glibc cannot
   give each thread an arena of its own without those arenas mapping blocks
   over 64 MB afresh on every call.
 * ``'system'``: the C library's allocator with its default settings.
 
-The process keeps its peak heap until it exits under either of the first two.
+Under either of the first two the process keeps most of its peak heap
+until it exits.
 The dynamic loader and glibc read these settings when a process starts, so
 they have to be in the environment before it starts. `reexec` starts the
 program again with them (same interpreter, same arguments, same pid); the
@@ -52,29 +55,42 @@ MODE_VARIABLE = 'AGEJAX_HOST_MALLOC'
 
 _PRELOAD = 'LD_PRELOAD'
 _MIMALLOC_PACKAGE = 'cmeel-mimalloc'
+# Preloaded allocators, by file name prefix: the first is what 'mimalloc' adds.
+_ALLOCATORS = ('libmimalloc', 'libjemalloc', 'libtcmalloc')
 
 
 def mimalloc_library() -> str | None:
-  """The path of the ``cmeel-mimalloc`` package's shared library, or None."""
+  """The path of the ``cmeel-mimalloc`` package's shared library, or None.
+
+  None also when the path holds whitespace or a colon, which separate
+  ``LD_PRELOAD``'s entries: the loader could not preload it.
+  """
   try:
     files = importlib.metadata.distribution(_MIMALLOC_PACKAGE).files or ()
   except importlib.metadata.PackageNotFoundError:
     return None
   paths = sorted(
-      str(f.locate()) for f in files if re.fullmatch(r'libmimalloc\.so[.\d]*', f.name)
+      str(f.locate())
+      for f in files
+      if re.fullmatch(r'libmimalloc\.so[.\d]*', f.name)
   )
-  return next((p for p in paths if os.path.isfile(p)), None)
+  usable = [p for p in paths if os.path.isfile(p) and not re.search(r'[\s:]', p)]
+  return usable[0] if usable else None
 
 
 def default_mode() -> str:
-  """`MODE_VARIABLE` if set; else ``'mimalloc'`` where installed, ``'retain'``."""
+  """`MODE_VARIABLE` if set; else ``'mimalloc'`` where installed, otherwise ``'retain'``."""
   return os.environ.get(MODE_VARIABLE) or (
       'mimalloc' if mimalloc_library() else 'retain'
   )
 
 
 def _is_mimalloc(entry: str) -> bool:
-  return os.path.basename(entry).startswith('libmimalloc')
+  return os.path.basename(entry).startswith(_ALLOCATORS[0])
+
+
+def _is_allocator(entry: str) -> bool:
+  return os.path.basename(entry).startswith(_ALLOCATORS)
 
 
 def host_malloc_env(
@@ -83,11 +99,12 @@ def host_malloc_env(
   """The environment to restart with for ``mode``, or None to keep this one.
 
   ``'mimalloc'`` puts ``mimalloc`` first in ``LD_PRELOAD`` and adds
-  `MIMALLOC_ENV`, unless ``LD_PRELOAD`` names a mimalloc library already.
-  ``'retain'`` and ``'system'`` take any mimalloc library out of
-  ``LD_PRELOAD``; then ``'retain'`` adds `RETAIN_ENV` unless any of its
-  variables is set already (the user's own setting wins), and ``'system'``
-  removes them. Nothing changes unless ``libc`` is ``'glibc'``.
+  `MIMALLOC_ENV`, unless ``LD_PRELOAD`` names an allocator already (the
+  user's own choice wins). ``'retain'`` and ``'system'`` take any mimalloc
+  library out of ``LD_PRELOAD``; then ``'retain'`` adds `RETAIN_ENV` unless
+  any of its variables is set already (the user's own setting wins), and
+  ``'system'`` removes them. Both leave `MIMALLOC_ENV`, which glibc ignores.
+  Nothing changes unless ``libc`` is ``'glibc'``.
 
   Args:
     environ: The current environment.
@@ -96,8 +113,8 @@ def host_malloc_env(
     mimalloc: The mimalloc library to preload (`mimalloc_library`).
 
   Raises:
-    ValueError: ``mode`` is not one of `MODES`, or is ``'mimalloc'`` while
-      ``mimalloc`` is None.
+    ValueError: ``mode`` is not one of `MODES`, or, on glibc, is
+      ``'mimalloc'`` while ``mimalloc`` is None.
   """
   if mode not in MODES:
     raise ValueError(
@@ -110,7 +127,7 @@ def host_malloc_env(
   preload = [entry for entry in preload if entry]
   env = dict(environ)
   if mode == 'mimalloc':
-    if any(_is_mimalloc(entry) for entry in preload):
+    if any(_is_allocator(entry) for entry in preload):
       return None
     if mimalloc is None:
       raise ValueError(

@@ -47,6 +47,7 @@ FRAMEWORKS = (
     'agejax-bf16',
     'agejax-lax',
     'agejax-matmul',
+    'agejax-ynnpack',
     'torch',
     'keras',
 )
@@ -101,7 +102,7 @@ def _random_batch(batch_size: int, seed: int = 0) -> tuple[Any, Any]:
 def _agejax_builder(variant: str, scan_batches: int) -> StepBuilder:
   """agejax's own model and jitted steps (agejax.steps).
 
-  ``variant`` is a ``conv_impl`` (``'auto'``, ``'lax'``, ``'matmul'``) for
+  ``variant`` is a ``conv_impl`` (one of `agejax.conv.IMPLS`) for
   per-step training (`steps.train_step`); ``'scan'``: ``'auto'`` with
   training as `steps.train_epoch`, ``scan_batches`` batches of a
   device-resident dataset per compiled call; or ``'bf16'``: ``'auto'`` with

@@ -51,6 +51,7 @@ class HostMallocEnvTest(parameterized.TestCase):
           {'LD_PRELOAD': _LIB, 'MIMALLOC_PURGE_DELAY': '10'},
       ),
       ('mimalloc_preloaded_already', {'LD_PRELOAD': '/opt/libmimalloc.so.2'}, 'mimalloc', 'glibc', None),
+      ('mimalloc_leaves_user_allocator', {'LD_PRELOAD': '/usr/lib/libjemalloc.so.2'}, 'mimalloc', 'glibc', None),
       ('other_libc_unchanged', {'A': '1'}, 'retain', '', None),
       ('musl_unchanged', {'A': '1', **_RETAINED}, 'system', 'musl', None),
       ('mimalloc_elsewhere_unchanged', {'A': '1'}, 'mimalloc', '', None),
@@ -59,6 +60,21 @@ class HostMallocEnvTest(parameterized.TestCase):
     self.assertEqual(
         host_malloc.host_malloc_env(environ, mode, libc, _LIB), expected
     )
+
+  @parameterized.product(
+      start=(
+          {},
+          _RETAINED,
+          {'LD_PRELOAD': _LIB, **_PURGE},
+          {'LD_PRELOAD': f'/x/liba.so:{_LIB}', 'MALLOC_ARENA_MAX': '4'},
+      ),
+      mode=host_malloc.MODES,
+  )
+  def test_restarted_environment_needs_no_restart(self, start, mode):
+    # What reexec restarts with must not make the restarted process restart.
+    env = host_malloc.host_malloc_env(start, mode, 'glibc', _LIB)
+    env = start if env is None else env
+    self.assertIsNone(host_malloc.host_malloc_env(env, mode, 'glibc', _LIB))
 
   def test_unknown_mode_raises(self):
     with self.assertRaisesRegex(ValueError, 'AGEJAX_HOST_MALLOC'):
@@ -81,6 +97,21 @@ class HostMallocEnvTest(parameterized.TestCase):
         host_malloc, 'mimalloc_library', return_value=library
     ):
       self.assertEqual(host_malloc.default_mode(), expected)
+
+  @parameterized.named_parameters(
+      ('plain', '/site/cmeel.prefix/lib', True),
+      ('space', '/my site/cmeel.prefix/lib', False),
+      ('colon', '/site:x/cmeel.prefix/lib', False),
+  )
+  def test_mimalloc_library_needs_a_preloadable_path(self, folder, usable):
+    path = os.path.join(folder, 'libmimalloc.so.3')
+    file = mock.Mock(locate=lambda: path)
+    file.name = 'libmimalloc.so.3'
+    dist = mock.Mock(files=[file])
+    with mock.patch.object(
+        importlib.metadata, 'distribution', return_value=dist
+    ), mock.patch.object(os.path, 'isfile', return_value=True):
+      self.assertEqual(host_malloc.mimalloc_library(), path if usable else None)
 
   def test_mimalloc_library_missing_package(self):
     with mock.patch.object(
@@ -105,6 +136,7 @@ _SCRIPT = textwrap.dedent("""
     host_malloc.reexec(*sys.argv[1:2])
     print('args', sys.argv[1:])
     print('env', [os.environ.get(k) for k in sorted(host_malloc.RETAIN_ENV)])
+    print('purge', os.environ.get('MIMALLOC_PURGE_DELAY'))
     with open('/proc/self/maps') as maps:
       print('mimalloc', 'libmimalloc' in maps.read())
 """)
@@ -123,7 +155,12 @@ class ReexecTest(parameterized.TestCase):
     return out.splitlines()
 
   def _clean_env(self):
-    dropped = {*host_malloc.RETAIN_ENV, host_malloc.MODE_VARIABLE, 'LD_PRELOAD'}
+    dropped = {
+        *host_malloc.RETAIN_ENV,
+        *host_malloc.MIMALLOC_ENV,
+        host_malloc.MODE_VARIABLE,
+        'LD_PRELOAD',
+    }
     return {k: v for k, v in os.environ.items() if k not in dropped}
 
   def test_retain_restarts_once(self):
@@ -131,14 +168,22 @@ class ReexecTest(parameterized.TestCase):
     lines = self._run(['retain', 'x y'], self._clean_env())
     self.assertEqual(
         lines,
-        ['started', 'started', "args ['retain', 'x y']", f'env {retained}', 'mimalloc False'],
+        [
+            'started',
+            'started',
+            "args ['retain', 'x y']",
+            f'env {retained}',
+            'purge None',
+            'mimalloc False',
+        ],
     )
 
   def test_mode_variable_opts_out(self):
     env = {**self._clean_env(), host_malloc.MODE_VARIABLE: 'system'}
     lines = self._run([], env)
     self.assertEqual(
-        lines, ['started', 'args []', 'env [None, None, None]', 'mimalloc False']
+        lines,
+        ['started', 'args []', 'env [None, None, None]', 'purge None', 'mimalloc False'],
     )
 
   def test_system_removes_settings(self):
@@ -146,7 +191,14 @@ class ReexecTest(parameterized.TestCase):
     lines = self._run(['system'], env)
     self.assertEqual(
         lines,
-        ['started', 'started', "args ['system']", 'env [None, None, None]', 'mimalloc False'],
+        [
+            'started',
+            'started',
+            "args ['system']",
+            'env [None, None, None]',
+            'purge None',
+            'mimalloc False',
+        ],
     )
 
   def test_mimalloc_restarts_once_and_loads(self):
@@ -155,8 +207,29 @@ class ReexecTest(parameterized.TestCase):
     lines = self._run(['mimalloc'], self._clean_env())
     self.assertEqual(
         lines,
-        ['started', 'started', "args ['mimalloc']", 'env [None, None, None]', 'mimalloc True'],
+        [
+            'started',
+            'started',
+            "args ['mimalloc']",
+            'env [None, None, None]',
+            'purge -1',
+            'mimalloc True',
+        ],
     )
+
+  def test_default_is_mimalloc_and_system_takes_it_out(self):
+    if host_malloc.mimalloc_library() is None:
+      self.skipTest('cmeel-mimalloc is not installed')
+    lines = self._run([], self._clean_env())
+    self.assertEqual(lines[-1], 'mimalloc True')
+    preloaded = {
+        **self._clean_env(),
+        'LD_PRELOAD': host_malloc.mimalloc_library(),
+        **host_malloc.MIMALLOC_ENV,
+    }
+    lines = self._run(['system'], preloaded)
+    self.assertEqual(lines[:3], ['started', 'started', "args ['system']"])
+    self.assertEqual(lines[-1], 'mimalloc False')
 
 
 if __name__ == '__main__':
