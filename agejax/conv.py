@@ -306,38 +306,16 @@ def matmul_conv_general_dilated(
   Same signature and values as ``lax.conv_general_dilated``. Calls outside
   the supported case (see the module docstring) are delegated to it.
   """
-  pads = _supported_pads(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation,
-      rhs_dilation,
-      dimension_numbers,
-      feature_group_count,
-      batch_group_count,
-      preferred_element_type,
-  )
-  if pads is None:
-    return lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
-  if any(p for pair in pads for p in pair):
-    lhs = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-  return _conv_valid(lhs, rhs, precision)
+  args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+          dimension_numbers, feature_group_count, batch_group_count, precision,
+          preferred_element_type)
+  x = _valid_input(*args)
+  if x is None:
+    return lax.conv_general_dilated(*args)
+  return _conv_valid(x, rhs, precision)
 
 
-def _supported_pads(
+def _valid_input(
     lhs: jax.Array,
     rhs: jax.Array,
     window_strides: Sequence[int],
@@ -347,9 +325,15 @@ def _supported_pads(
     dimension_numbers: Any,
     feature_group_count: int,
     batch_group_count: int,
+    precision: Any,
     preferred_element_type: Any,
-) -> tuple[tuple[int, int], tuple[int, int]] | None:
-  """The spatial padding if the matmul path supports the call, else None."""
+) -> jax.Array | None:
+  """``lhs`` padded for a VALID convolution, or None outside the supported case.
+
+  Takes ``lax.conv_general_dilated``'s arguments in its order; the supported
+  case is the module docstring's (``precision`` does not matter).
+  """
+  del precision
   if lhs.ndim != 4 or rhs.ndim != 4 or lhs.dtype != rhs.dtype:
     return None
   if (
@@ -380,7 +364,9 @@ def _supported_pads(
   ]
   if min(out_hw) < 1:
     return None
-  return tuple((int(lo), int(hi)) for lo, hi in pads)
+  if any(p for pair in pads for p in pair):
+    lhs = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
+  return lhs
 
 
 # Wider inputs stay on ``lax`` (inside YNNPACK's graph) under 'ynnpack'.
@@ -411,38 +397,17 @@ def ynnpack_conv_general_dilated(
   kernel's taps of the shifted input times the tap's output-channel
   weights, XLA fuses it with the bias add and `relu_for`'s ReLU into one
   loop. The products and their sum are in float32 or wider (``precision``
-  does not apply to them). Calls with more input channels, or outside the supported
-  case of `matmul_conv_general_dilated`, are delegated to ``lax``.
+  does not apply to them). Calls with more input channels, or outside the
+  supported case (see the module docstring), are delegated to ``lax``.
   """
-  pads = _supported_pads(
-      lhs,
-      rhs,
-      window_strides,
-      padding,
-      lhs_dilation,
-      rhs_dilation,
-      dimension_numbers,
-      feature_group_count,
-      batch_group_count,
-      preferred_element_type,
-  )
-  if pads is None or rhs.shape[2] > _SHIFTED_PRODUCTS_MAX_IN_CHANNELS:
-    return lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count,
-        batch_group_count=batch_group_count,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
-  if any(p for pair in pads for p in pair):
-    lhs = jnp.pad(lhs, ((0, 0), *pads, (0, 0)))
-  return _shifted_products(lhs, rhs)
+  args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+          dimension_numbers, feature_group_count, batch_group_count, precision,
+          preferred_element_type)
+  thin = rhs.ndim == 4 and rhs.shape[2] <= _SHIFTED_PRODUCTS_MAX_IN_CHANNELS
+  x = _valid_input(*args) if thin else None
+  if x is None:
+    return lax.conv_general_dilated(*args)
+  return _shifted_products(x, rhs)
 
 
 def _shifted_products(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -94,6 +94,33 @@ def _uses_custom_vjp(fn, x, k, *args, **kwargs) -> bool:
   return 'custom_vjp_call' in str(jaxpr)
 
 
+# Calls outside the fast paths' supported case (see agejax.conv).
+_UNSUPPORTED_CONFIGS = (
+      ('stride', dict(window_strides=(2, 1))),
+      ('rhs_dilation', dict(rhs_dilation=(2, 2))),
+      ('lhs_dilation', dict(lhs_dilation=(1, 2), padding=((0, 0), (0, 0)))),
+      ('nhwc_ohwi', dict(dimension_numbers=('NHWC', 'OHWI', 'NHWC'))),
+      ('nchw_output', dict(dimension_numbers=('NHWC', 'HWIO', 'NCHW'))),
+      ('negative_padding', dict(padding=((-1, 0), (0, 0)))),
+      ('preferred_element_type', dict(preferred_element_type=jnp.float32)),
+)
+
+
+def _assert_falls_back_to_lax(fn, x, k, **overrides):
+  """``fn`` computes lax's values by tracing to one plain lax convolution."""
+  kwargs = dict(
+      window_strides=(1, 1), padding='VALID', dimension_numbers=_NHWC
+  )
+  kwargs.update(overrides)
+  if kwargs['dimension_numbers'][1] == 'OHWI':
+    k = jnp.transpose(k, (3, 0, 1, 2))
+  want = lax.conv_general_dilated(x, k, **kwargs)
+  chex.assert_trees_all_close(fn(x, k, **kwargs), want, rtol=_TOL, atol=_TOL)
+  jaxpr = str(jax.make_jaxpr(lambda a, b: fn(a, b, **kwargs))(x, k))
+  assert 'custom_vjp_call' not in jaxpr, jaxpr
+  assert jaxpr.count('conv_general_dilated') == 1, jaxpr
+
+
 class MatmulConvTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -323,40 +350,19 @@ class MatmulConvTest(chex.TestCase):
         apply('matmul'), apply('lax'), rtol=_TOL, atol=_TOL
     )
 
-  @parameterized.named_parameters(
-      ('stride', dict(window_strides=(2, 1))),
-      ('rhs_dilation', dict(rhs_dilation=(2, 2))),
-      ('lhs_dilation', dict(lhs_dilation=(1, 2), padding=((0, 0), (0, 0)))),
-      ('nhwc_ohwi', dict(dimension_numbers=('NHWC', 'OHWI', 'NHWC'))),
-      ('nchw_output', dict(dimension_numbers=('NHWC', 'HWIO', 'NCHW'))),
-      ('negative_padding', dict(padding=((-1, 0), (0, 0)))),
-      ('preferred_element_type', dict(preferred_element_type=jnp.float32)),
-  )
+  @parameterized.named_parameters(*_UNSUPPORTED_CONFIGS)
   def test_unsupported_config_falls_back_to_lax(self, overrides):
-    x, k = _inputs(2, 8, 8, 4, 4, (3, 3))
-    kwargs = dict(
-        window_strides=(1, 1), padding='VALID', dimension_numbers=_NHWC
-    )
-    kwargs.update(overrides)
-    want = lax.conv_general_dilated(x, k, **kwargs)
-    got = conv.matmul_conv_general_dilated(x, k, **kwargs)
-    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
-    strides, padding = kwargs.pop('window_strides'), kwargs.pop('padding')
-    self.assertFalse(
-        _uses_custom_vjp(
-            conv.matmul_conv_general_dilated, x, k, strides, padding, **kwargs
-        )
+    _assert_falls_back_to_lax(
+        conv.matmul_conv_general_dilated, *_inputs(2, 8, 8, 4, 4, (3, 3)),
+        **overrides,
     )
 
   def test_feature_groups_fall_back_to_lax(self):
     x, k = _inputs(2, 8, 8, 4, 6, (3, 3))
-    k = k[:, :, :2, :]
-    kwargs = dict(
-        padding='SAME', dimension_numbers=_NHWC, feature_group_count=2
+    _assert_falls_back_to_lax(
+        conv.matmul_conv_general_dilated, x, k[:, :, :2, :], padding='SAME',
+        feature_group_count=2,
     )
-    want = lax.conv_general_dilated(x, k, (1, 1), **kwargs)
-    got = conv.matmul_conv_general_dilated(x, k, (1, 1), **kwargs)
-    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
 
   def test_mismatched_channels_raise_like_lax(self):
     x, k = _inputs(1, 6, 6, 2, 3, (3, 3))
@@ -410,49 +416,19 @@ class YnnpackConvTest(chex.TestCase):
     )
     self.assertEqual(got, want_convs)
 
-  @parameterized.named_parameters(
-      ('stride', dict(window_strides=(2, 1))),
-      ('rhs_dilation', dict(rhs_dilation=(2, 2))),
-      ('lhs_dilation', dict(lhs_dilation=(1, 2), padding=((0, 0), (0, 0)))),
-      ('nhwc_ohwi', dict(dimension_numbers=('NHWC', 'OHWI', 'NHWC'))),
-      ('nchw_output', dict(dimension_numbers=('NHWC', 'HWIO', 'NCHW'))),
-      ('negative_padding', dict(padding=((-1, 0), (0, 0)))),
-      ('preferred_element_type', dict(preferred_element_type=jnp.float32)),
-  )
+  @parameterized.named_parameters(*_UNSUPPORTED_CONFIGS)
   def test_unsupported_config_falls_back_to_lax(self, overrides):
-    x, k = _inputs(2, 8, 8, 1, 4, (3, 3))
-    kwargs = dict(
-        window_strides=(1, 1), padding='VALID', dimension_numbers=_NHWC
-    )
-    kwargs.update(overrides)
-    if kwargs['dimension_numbers'][1] == 'OHWI':
-      k = jnp.transpose(k, (3, 0, 1, 2))
-    want = lax.conv_general_dilated(x, k, **kwargs)
-    got = conv.ynnpack_conv_general_dilated(x, k, **kwargs)
-    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
-    strides, padding = kwargs.pop('window_strides'), kwargs.pop('padding')
-    self.assertEqual(
-        _conv_primitives(
-            conv.ynnpack_conv_general_dilated, x, k, strides, padding, **kwargs
-        ),
-        1,
+    _assert_falls_back_to_lax(
+        conv.ynnpack_conv_general_dilated, *_inputs(2, 8, 8, 1, 4, (3, 3)),
+        **overrides,
     )
 
   def test_depthwise_single_channel_groups_fall_back_to_lax(self):
     # Kernels with one input channel per group: the image has two.
     x, k = _inputs(2, 8, 8, 2, 4, (3, 3))
-    k = k[:, :, :1, :]
-    kwargs = dict(
-        padding='VALID', dimension_numbers=_NHWC, feature_group_count=2
-    )
-    want = lax.conv_general_dilated(x, k, (1, 1), **kwargs)
-    got = conv.ynnpack_conv_general_dilated(x, k, (1, 1), **kwargs)
-    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
-    self.assertEqual(
-        _conv_primitives(
-            conv.ynnpack_conv_general_dilated, x, k, (1, 1), **kwargs
-        ),
-        1,
+    _assert_falls_back_to_lax(
+        conv.ynnpack_conv_general_dilated, x, k[:, :, :1, :],
+        feature_group_count=2,
     )
 
   @chex.variants(with_jit=True, without_jit=True)
