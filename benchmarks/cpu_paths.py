@@ -46,6 +46,12 @@ choices and for the training-speed ceiling, so they live here, runnable:
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
       CPU time spent in the kernel, minor page faults and voluntary context
       switches (threads blocking) per step, and the process's peak RSS.
+  python -m benchmarks.cpu_paths --what=alternate --batch_sizes=64,256 --host_malloc=retain
+      Training steps at each batch size and an evaluation step at the
+      largest, in turn in one process, as an epoch alternates them: images/s
+      of each, and per round the voluntary context switches, minor page
+      faults and the kernel's share of the CPU time. Under glibc's one arena
+      (``retain``) evaluation after training runs slower than under mimalloc.
   python -m benchmarks.cpu_paths --what=profile --batch_size=64 --repeats=8 [--step=eval_step]
       Where one `agejax.steps.train_step` (or ``eval_step``) spends its time:
       a `jax.profiler` trace of ``--repeats`` steps, each XLA:CPU operation's
@@ -92,7 +98,7 @@ from agejax import steps
 _WHAT = flags.DEFINE_enum(
     'what',
     'layers',
-    ['peak', 'layers', 'gradients', 'dropout', 'eval', 'train', 'host', 'flops', 'profile'],
+    ['peak', 'layers', 'gradients', 'dropout', 'eval', 'train', 'host', 'alternate', 'flops', 'profile'],
     'Which measurement.',
 )
 _BATCH_SIZE = flags.DEFINE_integer(
@@ -497,6 +503,51 @@ def _host(batch_sizes: Sequence[int], repeats: int) -> None:
     )
 
 
+def _alternate(batch_sizes: Sequence[int], repeats: int) -> None:
+  """Training and evaluation in turn in one process, as an epoch alternates them."""
+  mode = _HOST_MALLOC.value or host_malloc.default_mode()
+  eval_batch_size = max(batch_sizes)
+  names = [f'train b{b}' for b in batch_sizes] + [f'eval b{eval_batch_size} after training']
+  print(
+      f'images/s, median of {repeats} rounds, host malloc {mode}\n| '
+      + ' | '.join(names)
+      + ' | waits per round | minor page faults per round | kernel share of CPU time |\n'
+      + '|---' * (len(names) + 3)
+      + '|'
+  )
+  rng = np.random.default_rng(0)
+  key = jax.random.PRNGKey(1)
+  runs = {}
+  for batch_size in batch_sizes:
+    batch, state = _batch(batch_size, rng), [_state()]
+
+    def train(batch=batch, state=state) -> None:
+      state[0], out = steps.train_step(state[0], batch, key)
+      jax.block_until_ready(out)
+
+    runs[f'train b{batch_size}'] = (train, batch_size)
+  batch, state = _batch(eval_batch_size, rng), _state()
+  runs[names[-1]] = (
+      lambda: jax.block_until_ready(steps.eval_step(state, batch)),
+      eval_batch_size,
+  )
+  for run, _ in runs.values():
+    run()
+    run()
+  usage0, cpu0 = resource.getrusage(resource.RUSAGE_SELF), os.times()
+  seconds = _interleaved({name: run for name, (run, _) in runs.items()}, repeats)
+  usage, cpu1 = resource.getrusage(resource.RUSAGE_SELF), os.times()
+  user, system = cpu1.user - cpu0.user, cpu1.system - cpu0.system
+  print(
+      '| '
+      + ' | '.join(f'{size / seconds[name]:.0f}' for name, (_, size) in runs.items())
+      + f' | {(usage.ru_nvcsw - usage0.ru_nvcsw) / repeats:,.0f}'
+      f' | {(usage.ru_minflt - usage0.ru_minflt) / repeats:,.0f}'
+      f' | {system / (user + system):.0%} |',
+      flush=True,
+  )
+
+
 def _flops() -> None:
   """Per image; ``lax`` counts direct convolutions, ``auto`` what agejax runs."""
   batch_size = 64
@@ -605,6 +656,8 @@ def main(argv: Sequence[str]) -> None:
     )
   elif _WHAT.value == 'host':
     _host([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
+  elif _WHAT.value == 'alternate':
+    _alternate([int(b) for b in _BATCH_SIZES.value], _REPEATS.value)
   elif _WHAT.value == 'profile':
     _profile(_STEP.value, _BATCH_SIZE.value, _REPEATS.value, _TOP.value)
   else:
