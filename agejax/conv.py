@@ -170,11 +170,11 @@ def relu_for(impl: str, in_channels: int) -> Callable[[jax.Array], jax.Array]:
 
   ``flax.linen.relu`` (``max(x, 0)``), except for ``'ynnpack'`` with as few
   input channels as `ynnpack_conv_general_dilated` computes as shifted
-  products: there it is written as a select. XLA:CPU gives ``max`` to YNNPACK, which reads its zero
-  operand as a tensor XLA writes out in full (69 MB for the study's first
-  layer at batch 256); a select YNNPACK does not take, so XLA fuses it into
-  the convolution's loop. Both give the same values and gradients: NaN stays
-  NaN, and the gradient at 0 is 0.
+  products: there it is written as a select. XLA:CPU gives ``max`` to
+  YNNPACK, which reads its zero operand as a tensor XLA writes out in full
+  (69 MB for the study's first layer at batch 256); a select YNNPACK does
+  not take, so XLA fuses it into the convolution's loop. Both give the same
+  values and gradients: NaN stays NaN, and the gradient at 0 is 0.
 
   Raises:
     ValueError: ``impl`` is not one of `IMPLS`.

@@ -1,4 +1,4 @@
-"""Host memory allocator settings under which XLA:CPU reuses memory between steps.
+"""Host allocator settings under which XLA:CPU reuses memory between steps.
 
 Why: XLA:CPU allocates an executable's temporaries afresh on every call, and
 glibc serves large requests (and every large request from a worker thread's
@@ -18,18 +18,17 @@ working set back in: on the study's network a third of a core, ~20 % of a
   training step has fragmented the heap they wait on it: an evaluation step
   ran ~20 % slower after training than before it; against mimalloc,
   training ran 7-12 % and evaluation after training 25-30 % slower
-  (docs/PERFORMANCE.md, session 11). glibc cannot
-  give each thread an arena of its own without those arenas mapping blocks
-  over 64 MB afresh on every call.
+  (docs/PERFORMANCE.md, session 11). glibc cannot give each thread an arena
+  of its own without those arenas mapping blocks over 64 MB afresh on every
+  call.
 * ``'system'``: the C library's allocator with its default settings.
 
-Under either of the first two the process keeps most of its peak heap
-until it exits.
-The dynamic loader and glibc read these settings when a process starts, so
-they have to be in the environment before it starts. `reexec` starts the
-program again with them (same interpreter, same arguments, same pid); the
-experiments' entry points call it first. Only the GNU C library on Linux is
-handled; elsewhere nothing changes.
+Under either of the first two the process keeps most of its peak heap until
+it exits. The dynamic loader and glibc read these settings when a process
+starts, so they have to be in the environment before it starts. `reexec`
+starts the program again with them (same interpreter, same arguments, same
+pid); the experiments' entry points call it first. Only the GNU C library on
+Linux is handled; elsewhere nothing changes.
 """
 
 from __future__ import annotations
@@ -74,12 +73,14 @@ def mimalloc_library() -> str | None:
       for f in files
       if re.fullmatch(r'libmimalloc\.so[.\d]*', f.name)
   )
-  usable = [p for p in paths if os.path.isfile(p) and not re.search(r'[\s:]', p)]
+  usable = [
+      p for p in paths if os.path.isfile(p) and not re.search(r'[\s:]', p)
+  ]
   return usable[0] if usable else None
 
 
 def default_mode() -> str:
-  """`MODE_VARIABLE` if set; else ``'mimalloc'`` where installed, otherwise ``'retain'``."""
+  """`MODE_VARIABLE`, else ``'mimalloc'`` if installed, else ``'retain'``."""
   return os.environ.get(MODE_VARIABLE) or (
       'mimalloc' if mimalloc_library() else 'retain'
   )
