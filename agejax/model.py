@@ -12,7 +12,7 @@ dense layer is followed by ReLU and *then* BatchNorm.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from agejax import conv as conv_lib
 from agejax import dropout as dropout_lib
+from agejax import relu_batch_norm
 
 FER_DENSE_UNITS = (512, 256)
 AGE_DENSE_UNITS = (512, 512, 256)
@@ -27,6 +28,13 @@ STUDY_CONV_FILTERS = ((32, 64), (128, 128), (128, 256))
 
 # Keras' BatchNorm epsilon, which the study's network used.
 _BN_EPSILON = 1e-3
+# Each convolution block ends in 2x2 max-pooling, stride 2.
+_POOL_WINDOW = (2, 2)
+# Implementations whose training pass runs ReLU, BatchNorm and a block's
+# max-pooling as one op with a written-out gradient
+# (`agejax.relu_batch_norm`): the CPU training path, where XLA:CPU otherwise
+# writes out each intermediate. On GPU and TPU XLA fuses flax's layers well.
+_FUSED_NORM_IMPLS = ('matmul',)
 
 
 class CNN(nn.Module):
@@ -76,9 +84,10 @@ class CNN(nn.Module):
     conv_fn = conv_lib.conv_general_dilated_for(impl)
     # Same values and gradients as nn.max_pool(x, (2, 2), strides=(2, 2));
     # on CPU its backward pass avoids select_and_scatter (see agejax.conv).
-    max_pool = conv_lib.max_pool_for(impl, (2, 2))
+    max_pool = conv_lib.max_pool_for(impl, _POOL_WINDOW)
     # flax's masks either way; on CPU drawn by a hash XLA fuses (agejax.dropout).
     dropout = dropout_lib.dropout_for(impl)
+    fuse_norm = train and impl in _FUSED_NORM_IMPLS
     for b, filters in enumerate(self.conv_filters, start=1):
       for c, features in enumerate(filters, start=1):
         relu = conv_lib.relu_for(impl, x.shape[-1])
@@ -90,28 +99,47 @@ class CNN(nn.Module):
             conv_general_dilated=conv_fn,
             name=f'block{b}/conv{c}',
         )(x)
-        x = relu(x)
-        x = self._batch_norm(f'block{b}/bn{c}', train)(x)
-      x = max_pool(x)
+        pool = max_pool if c == len(filters) else None
+        x = self._relu_batch_norm(
+            x, f'block{b}/bn{c}', train, fuse_norm, relu, pool
+        )
       x = dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
     for d, units in enumerate(self.dense_units, start=1):
       x = nn.Dense(units, dtype=self.dtype, name=f'head/dense{d}')(x)
-      x = nn.relu(x)
-      x = self._batch_norm(f'head/bn{d}', train)(x)
+      x = self._relu_batch_norm(x, f'head/bn{d}', train, fuse_norm, nn.relu)
       x = dropout(self.dense_dropout, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='logits')(x)
     return x.astype(jnp.float32)
 
-  def _batch_norm(self, name: str, train: bool) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train or name in self.frozen_bn,
+  def _relu_batch_norm(
+      self,
+      x: jax.Array,
+      name: str,
+      train: bool,
+      fuse: bool,
+      relu: Callable[[jax.Array], jax.Array],
+      pool: Optional[conv_lib.PoolFn] = None,
+  ) -> jax.Array:
+    """``relu``, then BatchNorm ``name``, then ``pool`` if given."""
+    frozen = name in self.frozen_bn
+    if fuse and not frozen:
+      window = _POOL_WINDOW if pool is not None else None
+      return relu_batch_norm.ReluBatchNorm(
+          momentum=self.bn_momentum,
+          epsilon=_BN_EPSILON,
+          pool_window=window,
+          name=name,
+      )(x)
+    x = nn.BatchNorm(
+        use_running_average=not train or frozen,
         momentum=self.bn_momentum,
         epsilon=_BN_EPSILON,
         dtype=self.dtype,
         param_dtype=jnp.float32,
         name=name,
-    )
+    )(relu(x))
+    return x if pool is None else pool(x)
 
 
 def fer_model(**overrides: Any) -> CNN:

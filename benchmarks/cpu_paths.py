@@ -93,6 +93,7 @@ from agejax import config as config_lib
 from agejax import conv
 from agejax import dropout
 from agejax import host_malloc
+from agejax import model
 from agejax import steps
 
 _WHAT = flags.DEFINE_enum(
@@ -413,6 +414,9 @@ _TRAIN_VARIANTS = {
     'Winograd float32 only': ({conv: {'_WINOGRAD_DTYPES': (jnp.float32,)}}, None),
     # The same masks, drawn by JAX's threefry (a rolled loop on the CPU).
     'flax Dropout': ({dropout: {'Dropout': nn.Dropout}}, None),
+    # nn.relu, nn.BatchNorm and max_pool_fast as separate layers, not
+    # agejax.relu_batch_norm (as shipped until session 12).
+    'flax ReLU and BatchNorm': ({model: {'_FUSED_NORM_IMPLS': ()}}, None),
     # Not a choice undone: XLA:CPU's experimental oneDNN fusion of every dot,
     # measured and not adopted (eval_step aborts under it; PERFORMANCE.md).
     'oneDNN dots': (

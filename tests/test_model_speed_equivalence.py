@@ -136,6 +136,29 @@ class CnnSpeedEquivalenceTest(parameterized.TestCase):
       got = _step(net, images, labels)
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
 
+  def test_fused_relu_batch_norm_training_step_equals_flax_layers(self):
+    # Training-mode BatchNorm under 'matmul': ReLU, BatchNorm and each
+    # block's max-pooling run as agejax.relu_batch_norm; against flax's
+    # nn.relu, nn.BatchNorm and max-pooling with the same convolutions.
+    images, labels = _batch(24)
+    net = model.age_model(conv_impl='matmul')
+    jaxpr = str(
+        jax.make_jaxpr(
+            lambda v, x: net.apply(
+                v,
+                x,
+                train=True,
+                rngs={'dropout': jax.random.PRNGKey(3)},
+                mutable=['batch_stats'],
+            )
+        )(net.init(jax.random.PRNGKey(0), images, train=False), images)
+    )
+    self.assertEqual(jaxpr.count('name=relu_batch_norm'), 9)  # 6 conv + 3 dense
+    got = _step(net, images, labels)
+    with mock.patch.object(model, '_FUSED_NORM_IMPLS', ()):
+      want = _step(net, images, labels)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+
   def test_matmul_eval_logits_equal_lax(self):
     images, _ = _batch(24)
     logits = {}

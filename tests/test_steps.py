@@ -332,7 +332,12 @@ class EpochTest(chex.TestCase):
     )
     self.assertEqual(int(scanned.step), 5)  # 22 // 4; the remainder dropped
     self.assertEqual(float(scan_sums['count']), 20.0)
-    chex.assert_trees_all_close(tree(scanned), tree(looped), rtol=1e-5, atol=1e-6)
+    # The two programs round differently (~1e-5 of each gradient). Adam's
+    # first steps move a parameter by about the learning rate (1e-2) however
+    # small its gradient, so one whose gradient is at that rounding level
+    # can move differently by a few % of it (2.3e-4 measured, a conv bias
+    # ahead of ReLU and BatchNorm); another key moves them by ~1e-2 (below).
+    chex.assert_trees_all_close(tree(scanned), tree(looped), rtol=1e-5, atol=5e-4)
     chex.assert_trees_all_close(scan_sums, loop_sums, rtol=1e-5)
 
     # The comparison is sensitive: another epoch key trains differently.
@@ -341,7 +346,7 @@ class EpochTest(chex.TestCase):
         jax.random.key(8), batch_size=4, config=FLIP,
     )
     for a, b in zip(jax.tree.leaves(other.params), jax.tree.leaves(scanned.params)):
-      self.assertFalse(np.allclose(a, b, rtol=1e-3))
+      self.assertGreater(np.max(np.abs(a - b)), 4 * 5e-4)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
