@@ -35,12 +35,20 @@ class CheckpointError(ValueError):
 
 
 def _manager(
-    directory: pathlib.Path, items: tuple[str, ...], keep: int = 1
+    directory: pathlib.Path, arrays: str, json: str, keep: int = 1
 ) -> ocp.CheckpointManager:
+  """A manager of checkpoints of two items: a pytree of arrays, and JSON.
+
+  Naming the handlers lets a fresh manager read a checkpoint's metadata
+  before restoring it.
+  """
   return ocp.CheckpointManager(
       directory.absolute(),
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-      item_names=items,
+      item_handlers={
+          arrays: ocp.StandardCheckpointHandler(),
+          json: ocp.JsonCheckpointHandler(),
+      },
   )
 
 
@@ -50,8 +58,8 @@ class RunCheckpoints:
   def __init__(self, directory: str | pathlib.Path):
     directory = pathlib.Path(directory)
     self.directory = directory
-    self._latest = _manager(directory / LATEST, ('state', 'progress'))
-    self._best = _manager(directory / BEST, ('variables', 'meta'), keep=2)
+    self._latest = _manager(directory / LATEST, 'state', 'progress')
+    self._best = _manager(directory / BEST, 'variables', 'meta', keep=2)
 
   def save_latest(self, epoch: int, state: Any, progress: dict[str, Any]) -> None:
     saved = self._latest.save(
@@ -167,6 +175,47 @@ def has_latest(directory: str | pathlib.Path) -> bool:
   return latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir())
 
 
+def _key_name(key: Any) -> str:
+  """One step of a pytree path as Orbax names it (dict key, attribute, index)."""
+  for attribute in ('key', 'name', 'idx'):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def _arrays_by_path(tree: Any) -> dict[str, str]:
+  """``'params.block1/conv1.kernel'`` -> ``'(3, 3, 1, 32) float32'``, per array leaf."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda x: hasattr(x, 'shape')
+  )[0]
+  return {
+      '.'.join(_key_name(k) for k in path): (
+          f'{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}'
+      )
+      for path, leaf in leaves
+  }
+
+
+def _misfits(saved: Any, abstract: Any) -> list[str]:
+  """How the saved tree of array metadata differs from the target's leaves."""
+  have, want = _arrays_by_path(saved), _arrays_by_path(abstract)
+  missing = sorted(want.keys() - have.keys())
+  unexpected = sorted(have.keys() - want.keys())
+  arrays = [
+      f'{path}: {have[path]} in checkpoint, {want[path]} expected'
+      for path in sorted(want.keys() & have.keys())
+      if have[path] != want[path]
+  ]
+  listed = lambda paths: ', '.join(paths[:5]) + (
+      f' and {len(paths) - 5} more' if len(paths) > 5 else ''
+  )
+  return (
+      [f'missing from checkpoint: {listed(missing)}'] * bool(missing)
+      + [f'not in model: {listed(unexpected)}'] * bool(unexpected)
+      + arrays[:5]
+  )
+
+
 def _restore(
     manager: ocp.CheckpointManager,
     step: int,
@@ -174,37 +223,31 @@ def _restore(
     abstract: Any,
     where: pathlib.Path,
 ) -> Any:
+  """Restores ``item`` of ``step`` into ``abstract`` after checking it fits.
+
+  The check reads only the checkpoint's metadata: restoring into a tree of
+  other paths, shapes or dtypes would fail, pad or cast halfway through
+  reading arrays.
+  """
+  try:
+    saved = manager.item_metadata(step)[item]
+    misfits = _misfits(getattr(saved, 'tree', saved), abstract)
+  except Exception as e:  # Orbax and TensorStore raise many types here.
+    raise _unreadable(where, step, e) from e
+  if misfits:
+    raise CheckpointError(
+        f'Checkpoint {where}/{step} does not fit the model being restored'
+        f' into: {"; ".join(misfits)}. Use a checkpoint written with the same'
+        ' model config, or a fresh run directory.'
+    )
   try:
     restored = manager.restore(
         step,
         args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}),
     )
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(
-        f'Checkpoint {where}/{step} does not fit the model being restored'
-        f' into: {e}. Use a checkpoint written with the same model config, or'
-        ' a fresh run directory.'
-    ) from e
   except Exception as e:  # Orbax and TensorStore raise many types here.
     raise _unreadable(where, step, e) from e
-  restored = restored[item]
-  wrong = [
-      f'{jax.tree_util.keystr(path)}: {np.shape(got)} {jax.numpy.result_type(got)}'
-      f' in checkpoint, {want.shape} {want.dtype} expected'
-      for (path, got), want in zip(
-          jax.tree_util.tree_leaves_with_path(restored),
-          jax.tree_util.tree_leaves(abstract),
-      )
-      if np.shape(got) != tuple(want.shape)
-      or jax.numpy.result_type(got) != want.dtype
-  ]
-  if wrong:
-    raise CheckpointError(
-        f'Checkpoint {where}/{step} does not fit the model being restored'
-        f' into: {"; ".join(wrong[:5])}. Use a checkpoint written with the same'
-        ' model config, or a fresh run directory.'
-    )
-  return restored
+  return restored[item]
 
 
 def best_dir(path: str | pathlib.Path) -> pathlib.Path:
@@ -225,7 +268,7 @@ def best_dir(path: str | pathlib.Path) -> pathlib.Path:
 def load_meta(path: str | pathlib.Path) -> dict[str, Any]:
   """The JSON metadata (model config, metrics) of a run's best checkpoint."""
   directory = best_dir(path)
-  manager = _manager(directory, ('variables', 'meta'))
+  manager = _manager(directory, 'variables', 'meta')
   step = manager.best_step() or manager.latest_step()
   try:
     return _restore_json(manager, step, 'meta', directory)
@@ -246,7 +289,7 @@ def load_variables(
   """
   directory = best_dir(path)
   meta = load_meta(directory)
-  manager = _manager(directory, ('variables', 'meta'))
+  manager = _manager(directory, 'variables', 'meta')
   step = manager.latest_step()
   try:
     variables = _restore(manager, step, 'variables', abstract_fn(meta), directory)

@@ -11,12 +11,14 @@ import json
 import os
 import pathlib
 import tempfile
+from unittest import mock
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl.testing import absltest, parameterized
 
 from agejax import checkpoints, config, steps
@@ -233,6 +235,11 @@ def _no_opt_state(saved):
   return {k: v for k, v in saved.items() if k != 'opt_state'}
 
 
+def _bfloat16_params(saved):
+  as_bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)
+  return {**saved, 'params': jax.tree.map(as_bf16, saved['params'])}
+
+
 def _extra_key(saved):
   return {**saved, 'ema': saved['params']}
 
@@ -248,22 +255,41 @@ def _other_freezing(saved):
 class MismatchTest(TempDirTest):
 
   @parameterized.named_parameters(
-      ('other_num_classes', _other_classes),
-      ('missing_item', _no_opt_state),
-      ('extra_item', _extra_key),
-      ('other_freezing', _other_freezing),
+      (
+          'other_num_classes',
+          _other_classes,
+          'params.logits.bias: (5,) float32 in checkpoint, (6,) float32 expected',
+      ),
+      (
+          'other_dtype',
+          _bfloat16_params,
+          'params.block1/bn1.bias: (4,) float32 in checkpoint, (4,) bfloat16'
+          ' expected',
+      ),
+      ('missing_item', _no_opt_state, 'not in model: opt_state.'),
+      ('extra_item', _extra_key, 'missing from checkpoint: ema.'),
+      (
+          'other_freezing',
+          _other_freezing,
+          'missing from checkpoint: opt_state.inner_states.trainable.',
+      ),
   )
-  def test_latest_mismatch_raises(self, make_target):
+  def test_latest_mismatch_raises(self, make_target, names):
     saved = state_tree(_trained_state())
     ckpts = self.run_checkpoints(self.root)
     ckpts.save_latest(2, saved, {'epoch': 2})
     ckpts.wait()
     target = checkpoints.abstract_like(make_target(saved))
-    with self.assertRaisesRegex(
-        checkpoints.CheckpointError, 'does not fit the model'
-    ) as cm:
-      ckpts.restore_latest(target)
+    # Checked from the metadata, before Orbax starts reading arrays.
+    with mock.patch.object(
+        ocp.CheckpointManager, 'restore', side_effect=AssertionError
+    ):
+      with self.assertRaisesRegex(
+          checkpoints.CheckpointError, 'does not fit the model'
+      ) as cm:
+        ckpts.restore_latest(target)
     self.assertIn(str(self.root / checkpoints.LATEST), str(cm.exception))
+    self.assertIn(names, str(cm.exception))
 
   def test_best_mismatch_raises(self):
     ckpts = self.run_checkpoints(self.root)
