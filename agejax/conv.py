@@ -227,8 +227,12 @@ def max_pool_fast(x: jax.Array, window: tuple[int, int]) -> jax.Array:
   return _max_pool_fast(x, tuple(int(k) for k in window))
 
 
-def _pool_taps(x: jax.Array, window: tuple[int, int]) -> list[jax.Array]:
-  """The kh * kw strided views of ``x``, in row-major window order."""
+def pool_taps(x: jax.Array, window: tuple[int, int]) -> list[jax.Array]:
+  """The kh * kw strided views of ``x`` [..., H, W, C], one per window element.
+
+  Tap ``i * kw + j`` holds element (i, j) of every non-overlapping window;
+  rows and columns past the last whole window are dropped.
+  """
   kh, kw = window
   *lead, h, w, c = x.shape
   ho, wo = h // kh, w // kw
@@ -238,7 +242,7 @@ def _pool_taps(x: jax.Array, window: tuple[int, int]) -> list[jax.Array]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _max_pool_fast(x: jax.Array, window: tuple[int, int]) -> jax.Array:
-  return functools.reduce(jnp.maximum, _pool_taps(x, window))
+  return functools.reduce(jnp.maximum, pool_taps(x, window))
 
 
 def _max_pool_fast_fwd(
@@ -256,7 +260,7 @@ def _max_pool_fast_bwd(
   zeros = jnp.zeros_like(g)
   taken = None
   grads = []
-  for tap in _pool_taps(x, window):
+  for tap in pool_taps(x, window):
     hit = tap == y
     if taken is not None:
       hit = hit & ~taken

@@ -31,12 +31,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from agejax import conv
+
 Window = Optional[tuple[int, int]]
+
+
+def _relu32(z: jax.Array) -> jax.Array:
+  return jnp.maximum(z, 0).astype(jnp.float32)
 
 
 def _stats(z: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Mean and (biased) variance of ``relu(z)`` per channel, as flax computes."""
-  r = jnp.maximum(z, 0).astype(jnp.float32)
+  r = _relu32(z)
   axes = tuple(range(z.ndim - 1))
   mean = jnp.mean(r, axes)
   var = jnp.maximum(0.0, jnp.mean(jnp.square(r), axes) - jnp.square(mean))
@@ -44,21 +50,7 @@ def _stats(z: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _normalized(z, mean, inv):
-  return (jnp.maximum(z, 0).astype(jnp.float32) - mean) * inv
-
-
-def _windows(x: jax.Array, window: tuple[int, int]) -> jax.Array:
-  """[B, H, W, C] -> [B, H // kh, kh, W // kw, kw, C], leftover rows dropped."""
-  kh, kw = window
-  b, h, w, c = x.shape
-  x = x[:, : h // kh * kh, : w // kw * kw]
-  return x.reshape(b, h // kh, kh, w // kw, kw, c)
-
-
-def _taps(x: jax.Array, window: tuple[int, int]) -> list[jax.Array]:
-  """The kh * kw strided views of ``x``, in row-major window order."""
-  x = _windows(x, window)
-  return [x[:, :, i, :, j] for i in range(window[0]) for j in range(window[1])]
+  return (_relu32(z) - mean) * inv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -97,12 +89,10 @@ def _forward(z, scale, bias, epsilon, window):
   inv = lax.rsqrt(var + epsilon)
   mul = scale * inv
   # flax's order of operations, so that the values (and ties) are the same.
-  y = ((jnp.maximum(z, 0).astype(jnp.float32) - mean) * mul + bias).astype(
-      z.dtype
-  )
+  y = ((_relu32(z) - mean) * mul + bias).astype(z.dtype)
   if window is None:
     return (y, mean, var), (z, scale, mean, inv, None, None)
-  taps = _taps(y, window)
+  taps = conv.pool_taps(y, window)
   pooled = functools.reduce(jnp.maximum, taps)
   # Index of each window's first maximum; len(taps) where none equals the
   # maximum (a NaN in the window), which routes no gradient, as
@@ -110,7 +100,7 @@ def _forward(z, scale, bias, epsilon, window):
   first = jnp.full(pooled.shape, len(taps), jnp.int8)
   for t in reversed(range(len(taps))):
     first = jnp.where(taps[t] == pooled, jnp.int8(t), first)
-  xhat_taps = _taps(_normalized(z, mean, inv), window)
+  xhat_taps = conv.pool_taps(_normalized(z, mean, inv), window)
   xhat_first = functools.reduce(
       lambda acc, t: jnp.where(first == t, xhat_taps[t], acc),
       range(len(taps)),
