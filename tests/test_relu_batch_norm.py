@@ -81,6 +81,11 @@ class ReluBatchNormTest(chex.TestCase):
     )(z, scale, bias, cotangents)
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
 
+  def test_window_too_large_for_int8_index_raises(self):
+    z, scale, bias = _inputs((1, 16, 16, 1))
+    with self.assertRaisesRegex(ValueError, 'at most 127 elements'):
+      _fused(z, scale, bias, (16, 8))
+
   def test_bfloat16_output_and_gradient_dtypes(self):
     z, scale, bias = _inputs((2, 6, 6, 4))
     z = z.astype(jnp.bfloat16)
