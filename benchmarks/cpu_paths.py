@@ -414,6 +414,9 @@ _TRAIN_VARIANTS = {
     'Winograd float32 only': ({conv: {'_WINOGRAD_DTYPES': (jnp.float32,)}}, None),
     # The same masks, drawn by JAX's threefry (a rolled loop on the CPU).
     'flax Dropout': ({dropout: {'Dropout': nn.Dropout}}, None),
+    # agejax's masks, hashed again in every loop that reads them (as
+    # shipped until session 13).
+    'dropout mask hashed by its readers': ({dropout: {'_computed_once': lambda m: m}}, None),
     # nn.relu, nn.BatchNorm and max_pool_fast as separate layers, not
     # agejax.relu_batch_norm (as shipped until session 12).
     'flax ReLU and BatchNorm': ({model: {'_FUSED_NORM_IMPLS': ()}}, None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -159,6 +160,26 @@ class DropoutTest(parameterized.TestCase):
         for layer in (nn.Dropout, dropout.Dropout)
     ]
     chex.assert_trees_all_equal(*outs)
+
+  @parameterized.named_parameters(
+      ('written_once', lambda: dropout._computed_once, 1),
+      ('hashed_by_readers', lambda: lambda mask: mask, 2),
+  )
+  def test_training_step_hashes_the_mask_once(self, computed_once, want):
+    # The forward select and the gradient's both read the mask; XLA:CPU fuses
+    # the hash into each reader unless it is written out once. The second
+    # case, without that, shows the count can fail.
+    def loss(x):
+      y = dropout.Dropout(0.25).apply(
+          {}, x, deterministic=False, rng=jax.random.PRNGKey(0)
+      )
+      return jnp.sum(y**2)
+
+    x = jnp.ones((8, 22, 22, 64))
+    with mock.patch.object(dropout, '_computed_once', computed_once()):
+      hlo = jax.jit(jax.value_and_grad(loss)).lower(x).compile().as_text()
+    hashing = [c for c in hlo.split('\n\n') if ' xor(' in c]
+    self.assertLen(hashing, want)
 
   @parameterized.parameters(
       ('lax', nn.Dropout), ('ynnpack', nn.Dropout), ('matmul', dropout.Dropout)
