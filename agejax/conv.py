@@ -509,13 +509,22 @@ def _input_grad(w: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
   )
 
 
+# float32 patches are built channel-major (`_channel_major_kernel_grad`);
+# bfloat16 ones from the NHWC input, since XLA:CPU computes the
+# channel-major stack of bfloat16 slices in float32 and converts the whole
+# input and cotangent before the chunks' loop: the 46x46x32 layer's kernel
+# gradient took 82 ms that way at batch 64, against 42 (docs/PERFORMANCE.md,
+# session 13).
+_CHANNEL_MAJOR_PATCH_DTYPES = (jnp.float32,)
+
+
 def _im2col_kernel_grad(
     x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
 ) -> jax.Array:
   """``patches^T @ g``: dW as [kh * kw * C_in, C_out], accumulated in float32.
 
-  The patches are the ``kh * kw`` shifted slices of ``x`` concatenated along
-  channels.
+  The patches are the ``kh * kw`` shifted slices of NHWC ``x`` concatenated
+  along channels.
   """
   _, ho, wo, _ = g.shape
   patches = jnp.concatenate(
@@ -531,6 +540,37 @@ def _im2col_kernel_grad(
   )
 
 
+def _channel_major_kernel_grad(
+    xt: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
+) -> jax.Array:
+  """`_im2col_kernel_grad` of the input given channel-major, [C_in, B, H, W].
+
+  The patches are its shifted slices stacked, [kh * kw * C_in, B * out_h *
+  out_w], the layout the product reads. From NHWC, XLA:CPU writes them in
+  three passes (nine slices, the concatenate, a transpose for the product);
+  a stack of stacks of at most 8 operands each (see `_stack_4x4`) is one
+  loop.
+  """
+  cin, n = xt.shape[:2]
+  _, ho, wo, cout = g.shape
+  patches = jnp.stack([
+      jnp.stack([xt[:, :, i : i + ho, j : j + wo] for j in range(kw)])
+      for i in range(kh)
+  ])
+  return lax.dot_general(
+      patches.reshape(kh * kw * cin, n * ho * wo),
+      g.reshape(n * ho * wo, cout),
+      (((1,), (0,)), ((), ())),
+      precision=precision,
+      preferred_element_type=jnp.float32,
+  )
+
+
+def _channels_first(x: jax.Array) -> jax.Array:
+  """[..., B, H, W, C] as [..., C, B, H, W]."""
+  return jnp.moveaxis(x, -1, -4)
+
+
 def _kernel_grad(
     x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
 ) -> jax.Array:
@@ -538,15 +578,20 @@ def _kernel_grad(
 
   Large layers (`_chunked_kernel_grad`) sum the im2col products of
   `_KERNEL_GRAD_CHUNK` images at a time; a batch that is not a multiple of
-  the chunk adds the remaining images' product at the end. The alternatives
+  the chunk adds the remaining images' product at the end. A float32 input
+  is transposed to channel-major once, for all chunks. The alternatives
   measured for the study's 46x46x32 layer, Eigen's 3-D filter-gradient
   convolution and one im2col product of the whole batch, took twice as long
   (docs/PERFORMANCE.md, session 10).
   """
   cin, cout = x.shape[3], g.shape[3]
   dtype = jnp.result_type(x, g)
+  if dtype in _CHANNEL_MAJOR_PATCH_DTYPES:
+    product, to_layout = _channel_major_kernel_grad, _channels_first
+  else:
+    product, to_layout = _im2col_kernel_grad, lambda a: a
   if not _chunked_kernel_grad(x.shape, g.shape):
-    dw = _im2col_kernel_grad(x, g, kh, kw, precision)
+    dw = product(to_layout(x), g, kh, kw, precision)
     return dw.reshape(kh, kw, cin, cout).astype(dtype)
   n = x.shape[0]
   whole = n - n % _KERNEL_GRAD_CHUNK
@@ -554,15 +599,15 @@ def _kernel_grad(
   def add_chunk(
       dw: jax.Array, chunk: tuple[jax.Array, jax.Array]
   ) -> tuple[jax.Array, None]:
-    return dw + _im2col_kernel_grad(*chunk, kh, kw, precision), None
+    return dw + product(*chunk, kh, kw, precision), None
 
-  chunks = tuple(
+  x_chunks, g_chunks = (
       a[:whole].reshape(-1, _KERNEL_GRAD_CHUNK, *a.shape[1:]) for a in (x, g)
   )
   dw0 = jnp.zeros((kh * kw * cin, cout), jnp.float32)
-  dw, _ = lax.scan(add_chunk, dw0, chunks)
+  dw, _ = lax.scan(add_chunk, dw0, (to_layout(x_chunks), g_chunks))
   if whole < n:
-    dw = dw + _im2col_kernel_grad(x[whole:], g[whole:], kh, kw, precision)
+    dw = dw + product(to_layout(x[whole:]), g[whole:], kh, kw, precision)
   return dw.reshape(kh, kw, cin, cout).astype(dtype)
 
 

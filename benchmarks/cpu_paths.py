@@ -37,7 +37,9 @@ choices and for the training-speed ceiling, so they live here, runnable:
       Winograd's 16 tiles stacked at once instead of as four stacks of four,
       with Winograd for float32 only (add ``--dtype=bfloat16`` to train in
       bfloat16), with flax's own dropout layer (the same masks, JAX's
-      threefry). Also ideas measured and not adopted: that layer's Winograd
+      threefry), with agejax's masks hashed again by every loop that reads
+      them, with flax's ReLU and BatchNorm layers, with the float32 im2col
+      kernel gradient's patches concatenated from the NHWC input. Also ideas measured and not adopted: that layer's Winograd
       backward in a `lax.scan` over 4 images at a time; two other settings of
       XLA:CPU's YNNPACK fusion; and XLA:CPU's experimental oneDNN fusion of
       every dot (where that fusion fails to compile it aborts the process:
@@ -382,6 +384,7 @@ _TRAIN_VARIANTS = {
         {conv: {**_WINOGRAD_FROM_32, 'winograd_conv_valid_vjp': _winograd_vjp_in_chunks}},
         None,
     ),
+    'kernel gradient patches from NHWC': ({conv: {'_CHANNEL_MAJOR_PATCH_DTYPES': ()}}, None),
     'no Winograd forward': ({conv: {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9}}, None),
     'no Winograd backward': ({conv: {'_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9}}, None),
     'no Winograd': (

@@ -65,6 +65,9 @@ _ALL_WINOGRAD = dict(
     _WINOGRAD_FORWARD_MIN_OUT_ROWS=1,
     _WINOGRAD_BACKWARD_MIN_IN_CHANNELS=1,
 )
+# Chunks of 2 with float32 patches concatenated from the NHWC input, the
+# layout bfloat16 takes (float32 ones are built channel-major).
+_NHWC_PATCHES = dict(_CHUNKS_OF_2, _CHANNEL_MAJOR_PATCH_DTYPES=())
 
 
 def _inputs(b, h, w, cin, cout, kernel, seed=0):
@@ -139,7 +142,9 @@ class MatmulConvTest(chex.TestCase):
   @parameterized.product(
       shape=_SHAPES,
       padding=('VALID', 'SAME'),
-      thresholds=(_CHUNKS_OF_1, _CHUNKS_OF_2, _NO_EIGEN, _ALL_WINOGRAD),
+      thresholds=(
+          _CHUNKS_OF_1, _CHUNKS_OF_2, _NHWC_PATCHES, _NO_EIGEN, _ALL_WINOGRAD
+      ),
   )
   def test_each_formulation_matches_lax(self, shape, padding, thresholds):
     # Every shape through the Eigen forward + the chunked kernel gradient
