@@ -184,7 +184,7 @@ def _computed_once(mask: jax.Array) -> jax.Array:
   times over. XLA does not duplicate a floating-point remainder into its
   consumers, so the hash and this remainder (of 0 or 1 by 2: the same
   values) run once and the mask is read from memory. On the study's network
-  the first block's input-gradient loop takes 6.8 ms instead of 12.0 at
+  the first block's input-gradient loop takes 6.7 ms instead of 12.0 at
   batch 64 (2-core Intel Xeon, docs/PERFORMANCE.md, session 13).
   """
   return lax.rem(mask.astype(jnp.float32), jnp.float32(2)) != 0
