@@ -39,8 +39,9 @@ choices and for the training-speed ceiling, so they live here, runnable:
       bfloat16), with flax's own dropout layer (the same masks, JAX's
       threefry), with agejax's masks hashed again by every loop that reads
       them, with flax's ReLU and BatchNorm layers, with the float32 im2col
-      kernel gradient's patches concatenated from the NHWC input. Also ideas measured and not adopted: that layer's Winograd
-      backward in a `lax.scan` over 4 images at a time; two other settings of
+      kernel gradient's patches concatenated from the NHWC input. Also ideas
+      measured and not adopted: that layer's Winograd backward in a
+      `lax.scan` over 4 images at a time; two other settings of
       XLA:CPU's YNNPACK fusion; and XLA:CPU's experimental oneDNN fusion of
       every dot (where that fusion fails to compile it aborts the process:
       leave the column out with ``--variants``).
