@@ -15,6 +15,8 @@ rounding) with a custom VJP:
   channels and 6 output rows: `winograd_conv_valid` (Winograd F(2x2, 3x3):
   16 multiplications per 2x2 output tile instead of 36; bfloat16 tiles,
   float32 transforms and accumulation);
+* other float32 forwards, where `agejax.onednn` is available: oneDNN's
+  convolution;
 * other forwards: a ``lax`` convolution whose input is padded by ``kh`` rows
   at the bottom, then sliced back to the VALID rows. YNNPACK rejects
   convolutions whose output is taller than their input, so this one runs on
@@ -22,18 +24,23 @@ rounding) with a custom VJP:
   VALID ``lax`` convolution;
 * both gradients of float32 and bfloat16 3x3 layers with at least 64 input
   channels: `winograd_conv_valid_vjp`, Winograd's backward pass written out;
-* other input gradients: the transposed convolution, written as a VALID
-  convolution of the cotangent padded by ``kernel - 1`` with the flipped
-  kernel, its input and output channels swapped (what ``lax`` does; its
-  output is taller than its input, so it runs on Eigen);
+* other input gradients: the transposed convolution, a VALID convolution of
+  the cotangent padded by ``kernel - 1`` with the flipped kernel, its input
+  and output channels swapped (what ``lax`` does). In float32 oneDNN's
+  convolution where available; otherwise a ``lax`` convolution, which runs
+  on Eigen since its output is taller than its input;
 * other kernel gradients: ``patches^T @ cotangent``, the patches being the
   ``kh * kw`` shifted slices of the input concatenated along channels. Layers
   with at least 8 input channels and 3,000 output positions (batch x height
   x width) sum it over 4 images at a time in a ``lax.scan``, so that each
   chunk's patches stay in cache.
 
-On the study's network the Winograd paths make the whole training step
-1.2-1.6x faster, with or without the freed-memory reuse that
+Every matmul of these paths (im2col and Winograd products) is oneDNN's in
+float32 where `agejax.onednn` is available, XLA's dot otherwise.
+
+On the study's network oneDNN's kernels make the float32 training step
+1.16-1.18x faster than XLA's (docs/PERFORMANCE.md, session 14), and the
+Winograd paths 1.2-1.6x faster, with or without the freed-memory reuse that
 `agejax.host_malloc` arranges (docs/PERFORMANCE.md); its 46x46x32 layer,
 too thin for Winograd, takes the Eigen and chunked im2col paths. Winograd's
 16 transformed tiles are stacked four by four, a shape XLA:CPU fuses into
@@ -71,6 +78,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from agejax import onednn
+
 ConvFn = Callable[..., jax.Array]
 
 IMPLS = ('lax', 'matmul', 'ynnpack', 'auto')
@@ -83,6 +92,11 @@ _NHWC_HWIO = lax.ConvDimensionNumbers(
     lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2)
 )
 
+
+# The products of the custom-VJP path (im2col kernel gradients, Winograd's
+# 16 batched matmuls): oneDNN's matmul where `onednn.enabled_for` their
+# dtype, else XLA's dot.
+_dot_general = onednn.dot_general
 
 # From this batch size up, XLA:CPU's fused YNNPACK inference graph (``lax``
 # convolutions and ``reduce_window`` pooling) beats the Eigen-routed forward:
@@ -461,7 +475,10 @@ def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   """The VALID convolution, on the fastest XLA:CPU kernel for its shape.
 
   Float32 and bfloat16 3x3 layers with at least 64 input channels and 6
-  output rows run `winograd_conv_valid`. Otherwise: XLA:CPU (jaxlib 0.10.2)
+  output rows run `winograd_conv_valid`: their backward pass reuses its
+  transformed input (oneDNN's forward was no faster over the whole step).
+  Other float32 layers run oneDNN's convolution where `onednn.enabled_for`
+  holds. Otherwise: XLA:CPU (jaxlib 0.10.2)
   gives a 2-D convolution to YNNPACK unless its output is taller than its
   input; YNNPACK runs these layers 2-3x slower than Eigen.
   Padding the input's bottom by ``kh`` rows makes the output ``kh`` rows
@@ -471,6 +488,8 @@ def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   """
   if _winograd_forward(x.shape, w):
     return winograd_conv_valid(x, w, precision)
+  if onednn.enabled_for(x.dtype):
+    return onednn.conv(x, w)
   if not _eigen_forward(x.shape, w.shape):
     return lax.conv_general_dilated(
         x, w, (1, 1), 'VALID', dimension_numbers=_NHWC_HWIO, precision=precision
@@ -492,20 +511,21 @@ def _input_grad(w: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
   """dX of the VALID convolution for cotangent ``g`` (transposed convolution).
 
   A VALID convolution of ``g`` padded by ``kernel - 1`` with the flipped
-  kernel, its input and output channels swapped. Its output is taller than
-  its input, so XLA:CPU runs it on Eigen (see `_forward`). The swap is done
-  on the kernel here: read as HWOI through the dimension numbers instead, as
-  ``lax`` does, the convolution ran ~5x slower inside the while loop of a
-  scanned epoch (docs/PERFORMANCE.md, session 10).
+  kernel, its input and output channels swapped: oneDNN's convolution where
+  `onednn.enabled_for` holds; otherwise a ``lax`` convolution, whose output
+  is taller than its input, so XLA:CPU runs it on Eigen (see `_forward`).
+  The swap is done on the kernel here: read as HWOI through the dimension
+  numbers instead, as ``lax`` does, the Eigen convolution ran ~5x slower
+  inside the while loop of a scanned epoch (docs/PERFORMANCE.md, session
+  10).
   """
   kh, kw = w.shape[:2]
+  flipped = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
+  padding = ((kh - 1, kh - 1), (kw - 1, kw - 1))
+  if onednn.enabled_for(g.dtype):
+    return onednn.conv(g, flipped, padding)
   return lax.conv_general_dilated(
-      g,
-      jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3),
-      (1, 1),
-      ((kh - 1, kh - 1), (kw - 1, kw - 1)),
-      dimension_numbers=_NHWC_HWIO,
-      precision=precision,
+      g, flipped, (1, 1), padding, dimension_numbers=_NHWC_HWIO, precision=precision
   )
 
 
@@ -526,15 +546,15 @@ def _im2col_kernel_grad(
   The patches are the ``kh * kw`` shifted slices of NHWC ``x`` concatenated
   along channels.
   """
-  _, ho, wo, _ = g.shape
+  n, ho, wo, cout = g.shape
   patches = jnp.concatenate(
       [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)],
       axis=-1,
   )
-  return lax.dot_general(
-      patches,
-      g,
-      (((0, 1, 2), (0, 1, 2)), ((), ())),
+  return _dot_general(
+      patches.reshape(n * ho * wo, -1),
+      g.reshape(n * ho * wo, cout),
+      (((0,), (0,)), ((), ())),
       precision=precision,
       preferred_element_type=jnp.float32,
   )
@@ -557,7 +577,7 @@ def _channel_major_kernel_grad(
       jnp.stack([xt[:, :, i : i + ho, j : j + wo] for j in range(kw)])
       for i in range(kh)
   ])
-  return lax.dot_general(
+  return _dot_general(
       patches.reshape(kh * kw * cin, n * ho * wo),
       g.reshape(n * ho * wo, cout),
       (((1,), (0,)), ((), ())),
@@ -745,7 +765,7 @@ def winograd_conv_valid(
   co = w.shape[3]
   dtype = x.dtype
   x, th, tw = _winograd_pad(x.astype(jnp.float32))
-  m = lax.dot_general(
+  m = _dot_general(
       _winograd_input_transform(x).astype(dtype),
       _winograd_kernel_transform(w.astype(jnp.float32)).astype(dtype),
       (((2,), (1,)), ((0,), (0,))),
@@ -797,14 +817,14 @@ def winograd_conv_valid_vjp(
       _winograd_output_1d_t(r[..., 0, :], r[..., 1, :])
       for r in _winograd_output_1d_t(g[:, :, 0], g[:, :, 1])
   ]).reshape(16, n * th * tw, co).astype(dtype)
-  du = lax.dot_general(
+  du = _dot_general(
       v,
       dm,
       (((1,), (1,)), ((0,), (0,))),
       precision=precision,
       preferred_element_type=jnp.float32,
   ).reshape(4, 4, c, co)
-  dv = lax.dot_general(
+  dv = _dot_general(
       dm,
       u,
       (((2,), (2,)), ((0,), (0,))),

@@ -39,7 +39,9 @@ choices and for the training-speed ceiling, so they live here, runnable:
       bfloat16), with flax's own dropout layer (the same masks, JAX's
       threefry), with agejax's masks hashed again by every loop that reads
       them, with flax's ReLU and BatchNorm layers, with the float32 im2col
-      kernel gradient's patches concatenated from the NHWC input. Also ideas
+      kernel gradient's patches concatenated from the NHWC input, with
+      XLA:CPU's own convolutions and dots instead of oneDNN's
+      (`agejax.onednn`). Also ideas
       measured and not adopted: that layer's Winograd backward in a
       `lax.scan` over 4 images at a time; two other settings of
       XLA:CPU's YNNPACK fusion; and XLA:CPU's experimental oneDNN fusion of
@@ -97,6 +99,7 @@ from agejax import conv
 from agejax import dropout
 from agejax import host_malloc
 from agejax import model
+from agejax import onednn
 from agejax import steps
 
 _WHAT = flags.DEFINE_enum(
@@ -386,6 +389,8 @@ _TRAIN_VARIANTS = {
         None,
     ),
     'kernel gradient patches from NHWC': ({conv: {'_CHANNEL_MAJOR_PATCH_DTYPES': ()}}, None),
+    # XLA:CPU's own convolutions and dots (as shipped until session 14).
+    'XLA kernels, not oneDNN': ({onednn: {'_DTYPES': ()}}, None),
     'no Winograd forward': ({conv: {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9}}, None),
     'no Winograd backward': ({conv: {'_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9}}, None),
     'no Winograd': (

@@ -3,6 +3,10 @@
 Every `train_and_evaluate` builds a new optimizer, so `jax.jit` retraces its
 steps; the HLO is the same, and the cache lets XLA skip recompiling it, which
 is most of the time of the end-to-end tests on a CPU.
+
+XLA:CPU cannot write programs that call oneDNN (`agejax.onednn`) to that
+cache ("Error writing persistent compilation cache entry ... std::bad_alloc"):
+those are compiled again in each process, and the warning is expected.
 """
 
 import os
@@ -18,3 +22,10 @@ jax.config.update(
     ),
 )
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      'filterwarnings',
+      'ignore:Error writing persistent compilation cache entry.*std..bad_alloc:UserWarning',
+  )

@@ -1,0 +1,245 @@
+"""XLA:CPU's own oneDNN convolution and matmul kernels, called directly.
+
+Why: on the 2-core Intel Xeon of docs/PERFORMANCE.md, oneDNN's
+convolution runs the study's 46x46x32 layer forward in 12 ms and its input
+gradient in 13 ms, where XLA:CPU's Eigen convolution takes 20 and 21; its
+matmul reaches 310-370 GFLOP/s on the products whose operand is read
+transposed (kernel gradients, Winograd's), where XLA:CPU's dot reaches
+150-200. jaxlib's x86-64 build ships both kernels, but no XLA:CPU pass
+hands work to them in that build. XLA:CPU runs them when the compiled
+program calls them by their custom-call targets, ``__onednn$convolution``
+and ``__onednn$matmul``, with a configuration in the custom call's
+backend config. `conv` and `dot_general` emit those calls with
+``jax.ffi.ffi_call``.
+
+The configuration is XLA's internal format (``xla.cpu.OneDnnConvolutionConfig``
+and ``OneDnnMatMulConfig``), and a configuration oneDNN rejects aborts the
+process instead of raising. So `available` allows them only where agejax's
+tests cover that format: jaxlib `_TESTED_JAXLIB` on x86-64 with the CPU as
+JAX's default backend. Even there it first runs each kind of call on a small
+input and compares it with ``lax``. Everywhere else `dot_general` is
+``lax.dot_general``, and `agejax.conv` keeps its other CPU paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# The jaxlib versions whose custom-call configuration format the tests check
+# (tests/test_onednn.py).
+_TESTED_JAXLIB = ('0.10.2',)
+# Dtypes sent to oneDNN. bfloat16 stays on XLA's kernels: not measured.
+_DTYPES = (jnp.float32,)
+_PROBE_TOLERANCE = 1e-5
+
+
+def _conv_config(padding: Sequence[tuple[int, int]]) -> str:
+  """Backend config of an NHWC x HWIO, stride-1 ``__onednn$convolution``."""
+  return json.dumps({
+      'onednn_conv_config': {
+          'dims': 4,
+          'feature_groups': 1,
+          'input': {'data': {'batch_dim': 0, 'feature_dim': 3, 'spatial_dims': [1, 2]}},
+          'kernel': {
+              'filter': {'input_feature_dim': 2, 'output_feature_dim': 3, 'spatial_dims': [0, 1]}
+          },
+          'output': {'data': {'batch_dim': 0, 'feature_dim': 3, 'spatial_dims': [1, 2]}},
+          'window': {
+              'pad_left': [lo for lo, _ in padding],
+              'pad_right': [hi for _, hi in padding],
+              'strides': [1, 1],
+              # oneDNN counts the taps skipped, XLA's config the stride: 1.
+              'window_dilations': [1, 1],
+          },
+      }
+  })
+
+
+def conv(
+    x: jax.Array, w: jax.Array, padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))
+) -> jax.Array:
+  """Stride-1 NHWC x HWIO convolution of ``x`` zero-padded by ``padding``.
+
+  ``padding`` is ``((top, bottom), (left, right))``, non-negative. Only
+  call it where `enabled_for` holds; it has no gradient of its own
+  (`agejax.conv` differentiates it).
+  """
+  n, h, wd, cin = x.shape
+  kh, kw, kcin, cout = w.shape
+  if kcin != cin or x.dtype != w.dtype:
+    raise ValueError(
+        f'oneDNN convolution of {x.dtype}{list(x.shape)} (NHWC) with '
+        f'{w.dtype}{list(w.shape)} (HWIO): channels and dtypes must match.'
+    )
+  (top, bottom), (left, right) = padding
+  out = jax.ShapeDtypeStruct(
+      (n, h + top + bottom - kh + 1, wd + left + right - kw + 1, cout), x.dtype
+  )
+  return _call('__onednn$convolution', out, _conv_config(padding), x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool) -> jax.Array:
+  """``a @ b`` over leading batch dimensions, either operand read transposed.
+
+  Differentiable (its gradients are matmuls too), so that `dot_general`
+  can stand in for ``lax.dot_general`` in code JAX differentiates, such as
+  `agejax.conv.winograd_conv_valid`.
+  """
+  m = a.shape[-1] if transpose_a else a.shape[-2]
+  n = b.shape[-2] if transpose_b else b.shape[-1]
+  out = jax.ShapeDtypeStruct((*a.shape[:-2], m, n), a.dtype)
+  config = json.dumps(
+      {'onednn_matmul_config': {'transpose_a': transpose_a, 'transpose_b': transpose_b}}
+  )
+  return _call('__onednn$matmul', out, config, a, b)
+
+
+def _matmul_fwd(
+    a: jax.Array, b: jax.Array, transpose_a: bool, transpose_b: bool
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  return _matmul(a, b, transpose_a, transpose_b), (a, b)
+
+
+def _matmul_bwd(
+    transpose_a: bool, transpose_b: bool, res: tuple[jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  # With op(X) the operand as multiplied: d op(A) = g op(B)^T and
+  # d op(B) = op(A)^T g, each written as one matmul of the stored operands.
+  a, b = res
+  if transpose_a:
+    da = _matmul(b, g, transpose_b, True)
+  else:
+    da = _matmul(g, b, False, not transpose_b)
+  if transpose_b:
+    db = _matmul(g, a, True, transpose_a)
+  else:
+    db = _matmul(a, g, not transpose_a, False)
+  return da, db
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _call(target: str, out: jax.ShapeDtypeStruct, config: str, *operands: jax.Array) -> jax.Array:
+  return jax.ffi.ffi_call(
+      target,
+      out,
+      vmap_method='sequential',
+      custom_call_api_version=1,
+      legacy_backend_config=config,
+  )(*operands)
+
+
+def _as_matmul(
+    a_shape: Sequence[int], b_shape: Sequence[int], dimension_numbers: Any
+) -> tuple[bool, bool] | None:
+  """(transpose_a, transpose_b) if the dot is a oneDNN matmul, else None.
+
+  That is: the same leading batch dimensions on both sides, then two
+  dimensions each, one of them contracted.
+  """
+  (a_contract, b_contract), (a_batch, b_batch) = dimension_numbers
+  nb = len(a_batch)
+  leading = tuple(range(nb))
+  if (
+      tuple(a_batch) != leading
+      or tuple(b_batch) != leading
+      or len(a_shape) != nb + 2
+      or len(b_shape) != nb + 2
+      or tuple(a_shape[:nb]) != tuple(b_shape[:nb])
+      or len(a_contract) != 1
+      or len(b_contract) != 1
+  ):
+    return None
+  return a_contract[0] == nb, b_contract[0] == nb + 1
+
+
+def dot_general(
+    a: jax.Array,
+    b: jax.Array,
+    dimension_numbers: Any,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+  """``lax.dot_general``, on oneDNN's matmul where it applies.
+
+  That is where `enabled_for` the operands' (common) dtype holds, the
+  result stays in that dtype, and the dot is one matmul per batch element
+  (see `_as_matmul`). Everything else goes to ``lax.dot_general`` as given.
+  Reverse-mode differentiable either way.
+  """
+  transposes = _as_matmul(a.shape, b.shape, dimension_numbers)
+  dtype = jnp.result_type(a, b)
+  if (
+      transposes is not None
+      and a.dtype == b.dtype == dtype
+      and (preferred_element_type is None or jnp.dtype(preferred_element_type) == dtype)
+      and enabled_for(dtype)
+  ):
+    return _matmul(a, b, *transposes)
+  return lax.dot_general(
+      a,
+      b,
+      dimension_numbers,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+  )
+
+
+def enabled_for(dtype: Any) -> bool:
+  """Whether `conv` and `dot_general` send ``dtype`` operands to oneDNN."""
+  return jnp.dtype(dtype) in _DTYPES and available()
+
+
+@functools.cache
+def available() -> bool:
+  """Whether this process can use XLA:CPU's oneDNN kernels (module docstring).
+
+  Checked once per process, when first asked, by running a small
+  convolution (unpadded and padded) and matmul (plain and each operand
+  transposed, with a batch dimension) through them.
+  """
+  if (
+      platform.machine().lower() not in ('x86_64', 'amd64')
+      or jax.default_backend() != 'cpu'
+      or jax.lib.__version__ not in _TESTED_JAXLIB
+  ):
+    return False
+  try:
+    # Compiled and run on its own, also when asked while tracing a program.
+    return bool(jax.jit(_probe).lower().compile()())
+  except Exception:  # pylint: disable=broad-except
+    # A build without the targets fails to compile them: use XLA's kernels.
+    return False
+
+
+def _probe() -> jax.Array:
+  """True where oneDNN's results match ``lax``'s on small inputs."""
+  x = jnp.sin(jnp.arange(2 * 7 * 6 * 3, dtype=jnp.float32)).reshape(2, 7, 6, 3)
+  w = jnp.cos(jnp.arange(3 * 2 * 3 * 4, dtype=jnp.float32)).reshape(3, 2, 3, 4)
+  a = jnp.sin(jnp.arange(2 * 5 * 3, dtype=jnp.float32)).reshape(2, 5, 3)
+  b = jnp.cos(jnp.arange(2 * 3 * 4, dtype=jnp.float32)).reshape(2, 3, 4)
+  pairs = []
+  for padding in (((0, 0), (0, 0)), ((2, 1), (0, 1))):
+    want = lax.conv_general_dilated(
+        x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+    pairs.append((conv(x, w, padding), want))
+  for ta, tb in ((False, False), (True, False), (False, True)):
+    lhs = jnp.swapaxes(a, 1, 2) if ta else a
+    rhs = jnp.swapaxes(b, 1, 2) if tb else b
+    pairs.append((_matmul(lhs, rhs, ta, tb), a @ b))
+  return jnp.all(
+      jnp.stack([
+          jnp.max(jnp.abs(got - want)) <= _PROBE_TOLERANCE * jnp.max(jnp.abs(want))
+          for got, want in pairs
+      ])
+  )
