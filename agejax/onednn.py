@@ -19,6 +19,11 @@ tests cover that format: jaxlib `_TESTED_JAXLIB` on x86-64 with the CPU as
 JAX's default backend. Even there it first runs each kind of call on a small
 input and compares it with ``lax``. Everywhere else `dot_general` is
 ``lax.dot_general``, and `agejax.conv` keeps its other CPU paths.
+
+One cost: XLA:CPU cannot write a program that calls these kernels to JAX's
+persistent compilation cache (it warns "Error writing persistent
+compilation cache entry ... std::bad_alloc"), so such programs are compiled
+again in every process.
 """
 
 from __future__ import annotations

@@ -390,7 +390,7 @@ _TRAIN_VARIANTS = {
     ),
     'kernel gradient patches from NHWC': ({conv: {'_CHANNEL_MAJOR_PATCH_DTYPES': ()}}, None),
     # XLA:CPU's own convolutions and dots (as shipped until session 14).
-    'XLA kernels, not oneDNN': ({onednn: {'_DTYPES': ()}}, None),
+    'XLA kernels instead of oneDNN': ({onednn: {'_DTYPES': ()}}, None),
     'no Winograd forward': ({conv: {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9}}, None),
     'no Winograd backward': ({conv: {'_WINOGRAD_BACKWARD_MIN_IN_CHANNELS': 10**9}}, None),
     'no Winograd': (
