@@ -14,32 +14,35 @@ rounding) with a custom VJP:
 * forward of float32 and bfloat16 3x3 layers with at least 64 input
   channels and 6 output rows: `winograd_conv_valid` (Winograd F(2x2, 3x3):
   16 multiplications per 2x2 output tile instead of 36; bfloat16 tiles,
-  float32 transforms and accumulation);
-* other float32 forwards, where `agejax.onednn` is available: oneDNN's
-  convolution;
+  float32 transforms and accumulation), except in bfloat16 where
+  `agejax.onednn` is enabled for it;
+* other forwards in a dtype `agejax.onednn` is enabled for (float32; and
+  bfloat16 on CPUs with bfloat16 instructions): oneDNN's convolution;
 * other forwards: a ``lax`` convolution whose input is padded by ``kh`` rows
   at the bottom, then sliced back to the VALID rows. YNNPACK rejects
   convolutions whose output is taller than their input, so this one runs on
   Eigen. Used from 8 input channels and 6 output rows up; otherwise the plain
   VALID ``lax`` convolution;
 * both gradients of float32 and bfloat16 3x3 layers with at least 64 input
-  channels: `winograd_conv_valid_vjp`, Winograd's backward pass written out;
+  channels: `winograd_conv_valid_vjp`, Winograd's backward pass written out
+  (again not in bfloat16 where oneDNN is enabled for it);
 * other input gradients: the transposed convolution, a VALID convolution of
   the cotangent padded by ``kernel - 1`` with the flipped kernel, its input
-  and output channels swapped (what ``lax`` does). In float32 oneDNN's
-  convolution where available; otherwise a ``lax`` convolution, which runs
-  on Eigen since its output is taller than its input;
+  and output channels swapped (what ``lax`` does). oneDNN's convolution
+  where it is enabled for the dtype; otherwise a ``lax`` convolution, which
+  runs on Eigen since its output is taller than its input;
 * other kernel gradients: ``patches^T @ cotangent``, the patches being the
   ``kh * kw`` shifted slices of the input concatenated along channels. Layers
   with at least 8 input channels and 3,000 output positions (batch x height
   x width) sum it over 4 images at a time in a ``lax.scan``, so that each
   chunk's patches stay in cache.
 
-Every matmul of these paths (im2col and Winograd products) is oneDNN's in
-float32 where `agejax.onednn` is available, XLA's dot otherwise.
+Every matmul of these paths (im2col and Winograd products) is oneDNN's
+where `agejax.onednn` is enabled for its dtype, XLA's dot otherwise.
 
 On the study's network oneDNN's kernels make the float32 training step
-1.16-1.18x faster than XLA's (docs/PERFORMANCE.md, session 14), and the
+1.16-1.19x faster than XLA's, and the bfloat16 one 1.51-1.56x
+(docs/PERFORMANCE.md, session 14), and the
 Winograd paths 1.2-1.6x faster, with or without the freed-memory reuse that
 `agejax.host_malloc` arranges (docs/PERFORMANCE.md); its 46x46x32 layer,
 too thin for Winograd, takes the Eigen and chunked im2col paths. Winograd's
@@ -475,10 +478,11 @@ def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   """The VALID convolution, on the fastest XLA:CPU kernel for its shape.
 
   Float32 and bfloat16 3x3 layers with at least 64 input channels and 6
-  output rows run `winograd_conv_valid`: their backward pass reuses its
-  transformed input (oneDNN's forward was no faster over the whole step).
-  Other float32 layers run oneDNN's convolution where `onednn.enabled_for`
-  holds. Otherwise: XLA:CPU (jaxlib 0.10.2)
+  output rows run `winograd_conv_valid` (`_winograd_forward`; in float32
+  their backward pass reuses its transformed input, and oneDNN's forward
+  was no faster over the whole step). Other layers run oneDNN's
+  convolution where `onednn.enabled_for` their dtype. Otherwise: XLA:CPU
+  (jaxlib 0.10.2)
   gives a 2-D convolution to YNNPACK unless its output is taller than its
   input; YNNPACK runs these layers 2-3x slower than Eigen.
   Padding the input's bottom by ``kh`` rows makes the output ``kh`` rows
@@ -647,6 +651,9 @@ _WINOGRAD_BACKWARD_MIN_IN_CHANNELS = 64
 # transforms and float32 accumulation: 1.3-1.9x the bfloat16 training step on
 # ``lax`` convolutions (docs/PERFORMANCE.md).
 _WINOGRAD_DTYPES = (jnp.float32, jnp.bfloat16)
+# In bfloat16, oneDNN's direct convolutions (AMX or AVX-512 BF16) beat
+# Winograd 5-10x per layer (docs/PERFORMANCE.md, session 14).
+_ONEDNN_OVER_WINOGRAD_DTYPES = (jnp.bfloat16,)
 
 
 def _winograd_forward(x_shape: Sequence[int], w: jax.Array) -> bool:
@@ -655,7 +662,7 @@ def _winograd_forward(x_shape: Sequence[int], w: jax.Array) -> bool:
       (kh, kw) == (3, 3)
       and cin >= _WINOGRAD_FORWARD_MIN_IN_CHANNELS
       and x_shape[1] - kh + 1 >= _WINOGRAD_FORWARD_MIN_OUT_ROWS
-      and w.dtype in _WINOGRAD_DTYPES
+      and _winograd_dtype(w.dtype)
   )
 
 
@@ -664,7 +671,14 @@ def _winograd_backward(w: jax.Array) -> bool:
   return (
       (kh, kw) == (3, 3)
       and cin >= _WINOGRAD_BACKWARD_MIN_IN_CHANNELS
-      and w.dtype in _WINOGRAD_DTYPES
+      and _winograd_dtype(w.dtype)
+  )
+
+
+def _winograd_dtype(dtype: Any) -> bool:
+  """Winograd's dtypes, less those oneDNN convolves faster directly."""
+  return dtype in _WINOGRAD_DTYPES and not (
+      dtype in _ONEDNN_OVER_WINOGRAD_DTYPES and onednn.enabled_for(dtype)
   )
 
 

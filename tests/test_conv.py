@@ -14,6 +14,7 @@ from jax import lax
 import numpy as np
 
 from agejax import conv
+from agejax import onednn
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _TOL = 1e-5
@@ -179,10 +180,16 @@ class MatmulConvTest(chex.TestCase):
     out = (x_shape[0], x_shape[1] - 2, x_shape[2] - 2, w_shape[3])
     w = jnp.zeros(w_shape)
     self.assertEqual(conv._winograd_forward(x_shape, w), winograd_forward)
+    # bfloat16 convolves on oneDNN instead where it has native bfloat16.
     self.assertEqual(
         conv._winograd_forward(x_shape, w.astype(jnp.bfloat16)),
-        winograd_forward,
+        winograd_forward and not onednn.enabled_for(jnp.bfloat16),
     )
+    with mock.patch.object(onednn, '_DTYPES', ()):
+      self.assertEqual(
+          conv._winograd_forward(x_shape, w.astype(jnp.bfloat16)),
+          winograd_forward,
+      )
     self.assertFalse(conv._winograd_forward(x_shape, w.astype(jnp.float16)))
     self.assertEqual(conv._eigen_forward(x_shape, w_shape), eigen_forward)
     self.assertEqual(conv._chunked_kernel_grad(x_shape, out), chunked_kernel_grad)
@@ -201,7 +208,13 @@ class MatmulConvTest(chex.TestCase):
   def test_winograd_backward_only_where_measured_faster(
       self, w_shape, dtype, want
   ):
-    self.assertEqual(conv._winograd_backward(jnp.zeros(w_shape, dtype)), want)
+    w = jnp.zeros(w_shape, dtype)
+    with mock.patch.object(onednn, '_DTYPES', ()):
+      self.assertEqual(conv._winograd_backward(w), want)
+    self.assertEqual(
+        conv._winograd_backward(w),
+        want and not (dtype == jnp.bfloat16 and onednn.enabled_for(dtype)),
+    )
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
+import tempfile
 from unittest import mock
 
 from absl.testing import absltest
@@ -27,6 +29,8 @@ _TESTED_HERE = (
     platform.machine().lower() in ('x86_64', 'amd64')
     and jax.lib.__version__ in onednn._TESTED_JAXLIB
 )
+# bfloat16 goes to oneDNN where the CPU has bfloat16 instructions.
+_NATIVE_BFLOAT16 = _TESTED_HERE and onednn._native_bfloat16()
 
 
 @contextlib.contextmanager
@@ -101,10 +105,35 @@ class AvailabilityTest(parameterized.TestCase):
       self.assertFalse(onednn.available())
 
   @parameterized.parameters(
-      (jnp.float32, True), (jnp.bfloat16, False), (jnp.float16, False), (jnp.int32, False)
+      (jnp.float32, True),
+      (jnp.bfloat16, _NATIVE_BFLOAT16),
+      (jnp.float16, False),
+      (jnp.int32, False),
   )
-  def test_enabled_for_float32_only(self, dtype, want):
+  def test_enabled_for(self, dtype, want):
     self.assertEqual(onednn.enabled_for(dtype), want)
+
+  @parameterized.named_parameters(
+      ('amx', 'flags\t\t: fpu avx512f amx_bf16 amx_tile\n', True),
+      ('avx512_bf16', 'flags\t\t: fpu avx512f avx512_bf16\n', True),
+      ('avx512_only', 'flags\t\t: fpu avx512f avx512bw\n', False),
+      ('unreadable', None, False),
+  )
+  def test_bfloat16_needs_native_instructions(self, cpuinfo, want):
+    tmp = tempfile.TemporaryDirectory()
+    self.addCleanup(tmp.cleanup)
+    path = os.path.join(tmp.name, 'cpuinfo')
+    if cpuinfo is not None:
+      with open(path, 'w', encoding='utf-8') as f:
+        f.write(cpuinfo)
+    onednn._native_bfloat16.cache_clear()
+    try:
+      with mock.patch.object(onednn, '_CPUINFO', path):
+        self.assertEqual(onednn._native_bfloat16(), want)
+        self.assertEqual(onednn.enabled_for(jnp.bfloat16), want)
+        self.assertTrue(onednn.enabled_for(jnp.float32))
+    finally:
+      onednn._native_bfloat16.cache_clear()
 
 
 @absltest.skipUnless(_TESTED_HERE, 'oneDNN is used on x86-64 with the tested jaxlib only')
@@ -151,7 +180,10 @@ _DOTS = (
     ('batched_nt', (16, 7, 5), (16, 4, 5), (((2,), (2,)), ((0,), (0,))), None, jnp.float32, True),
     ('two_batch_dims', (2, 3, 6, 5), (2, 3, 5, 4), (((3,), (2,)), ((0, 1), (0, 1))), None,
      jnp.float32, True),
-    ('bfloat16', (6, 5), (5, 4), (((1,), (0,)), ((), ())), jnp.float32, jnp.bfloat16, False),
+    ('bfloat16_to_float32', (6, 5), (5, 4), (((1,), (0,)), ((), ())), jnp.float32, jnp.bfloat16,
+     _NATIVE_BFLOAT16),
+    ('batched_bfloat16', (16, 7, 5), (16, 7, 4), (((1,), (1,)), ((0,), (0,))), None,
+     jnp.bfloat16, _NATIVE_BFLOAT16),
     ('float16', (6, 5), (5, 4), (((1,), (0,)), ((), ())), None, jnp.float16, False),
     ('narrower_result', (6, 5), (5, 4), (((1,), (0,)), ((), ())), jnp.bfloat16, jnp.float32,
      False),
@@ -204,12 +236,19 @@ class DotGeneralTest(chex.TestCase):
 @absltest.skipUnless(_TESTED_HERE, 'oneDNN is used on x86-64 with the tested jaxlib only')
 class StudyNetworkTest(parameterized.TestCase):
 
-  def test_training_step_runs_its_convolutions_and_products_on_onednn(self):
-    # Forwards without Winograd (48x48x1, 46x46x32, 7x7x128) and the
-    # 46x46x32 input gradient; the im2col kernel gradients (one for
-    # 48x48x1, one in the 46x46x32 chunk loop) and Winograd's products
-    # (3 per layer with its forward, 2 for 7x7x128's backward).
-    model_config = config_lib.ModelConfig()
+  @parameterized.named_parameters(
+      # Forwards without Winograd (48x48x1, 46x46x32, 7x7x128) and the
+      # 46x46x32 input gradient; the im2col kernel gradients (48x48x1, and
+      # one in the 46x46x32 chunk loop) and Winograd's products (3 per layer
+      # with its forward, 2 for 7x7x128's backward).
+      ('float32', 'float32', (4, 13)),
+      # No Winograd: every forward, every input gradient but the first
+      # layer's, and every layer's im2col kernel gradient (at batch 8 the
+      # 46x46x32 and 22x22x64 ones in chunk loops).
+      ('bfloat16', 'bfloat16', (11, 6) if _NATIVE_BFLOAT16 else (0, 0)),
+  )
+  def test_training_step_runs_its_convolutions_and_products_on_onednn(self, dtype, want):
+    model_config = config_lib.ModelConfig(dtype=dtype)
     stage = config_lib.StageConfig(name='test', epochs=1, learning_rate=1e-3)
     variables = steps.init_variables(jax.random.PRNGKey(0), model_config.build(), (48, 48, 1))
     state = steps.create_train_state(model_config, stage, variables)
@@ -219,7 +258,8 @@ class StudyNetworkTest(parameterized.TestCase):
         'mask': jnp.ones((8,), bool),
     }
     step = lambda s, b, k: steps.train_step(s, b, k)
-    self.assertEqual(_onednn_calls(step, state, batch, jax.random.PRNGKey(1)), (4, 13))
+    jax.clear_caches()
+    self.assertEqual(_onednn_calls(step, state, batch, jax.random.PRNGKey(1)), want)
     with mock.patch.object(onednn, '_DTYPES', ()):
       jax.clear_caches()
       self.assertEqual(_onednn_calls(step, state, batch, jax.random.PRNGKey(1)), (0, 0))
