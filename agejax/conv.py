@@ -492,7 +492,7 @@ def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   """
   if _winograd_forward(x.shape, w):
     return winograd_conv_valid(x, w, precision)
-  if onednn.enabled_for(x.dtype):
+  if x.dtype == w.dtype and onednn.enabled_for(x.dtype):
     return onednn.conv(x, w)
   if not _eigen_forward(x.shape, w.shape):
     return lax.conv_general_dilated(
@@ -526,7 +526,7 @@ def _input_grad(w: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
   kh, kw = w.shape[:2]
   flipped = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
   padding = ((kh - 1, kh - 1), (kw - 1, kw - 1))
-  if onednn.enabled_for(g.dtype):
+  if g.dtype == w.dtype and onednn.enabled_for(g.dtype):
     return onednn.conv(g, flipped, padding)
   return lax.conv_general_dilated(
       g, flipped, (1, 1), padding, dimension_numbers=_NHWC_HWIO, precision=precision

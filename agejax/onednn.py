@@ -68,7 +68,7 @@ def _conv_config(padding: Sequence[tuple[int, int]]) -> str:
               'pad_left': [lo for lo, _ in padding],
               'pad_right': [hi for _, hi in padding],
               'strides': [1, 1],
-              # oneDNN counts the taps skipped, XLA's config the stride: 1.
+              # XLA's convention (1: none); oneDNN is given 1 less.
               'window_dilations': [1, 1],
           },
       }
@@ -91,6 +91,9 @@ def conv(
         f'oneDNN convolution of {x.dtype}{list(x.shape)} (NHWC) with '
         f'{w.dtype}{list(w.shape)} (HWIO): channels and dtypes must match.'
     )
+  if min(min(pair) for pair in padding) < 0:
+    # oneDNN would reject it by aborting the process.
+    raise ValueError(f'oneDNN convolution padding must be non-negative, got {padding}.')
   (top, bottom), (left, right) = padding
   out = jax.ShapeDtypeStruct(
       (n, h + top + bottom - kh + 1, wd + left + right - kw + 1, cout), x.dtype

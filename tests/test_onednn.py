@@ -166,6 +166,10 @@ class ConvTest(chex.TestCase):
     with self.assertRaisesRegex(ValueError, 'channels and dtypes must match'):
       onednn.conv(jnp.zeros(x_shape), jnp.zeros(w_shape, w_dtype))
 
+  def test_negative_padding_raises(self):
+    with self.assertRaisesRegex(ValueError, 'must be non-negative'):
+      onednn.conv(jnp.zeros((2, 8, 8, 3)), jnp.zeros((3, 3, 3, 5)), ((0, 0), (-1, 0)))
+
 
 # (a shape, b shape, dimension numbers, preferred element type, dtype,
 #  oneDNN's matmul expected): the products agejax.conv computes, each
