@@ -35,7 +35,9 @@ rounding) with a custom VJP:
   ``kh * kw`` shifted slices of the input concatenated along channels. Layers
   with at least 8 input channels and 3,000 output positions (batch x height
   x width) sum it over 4 images at a time in a ``lax.scan``, so that each
-  chunk's patches stay in cache.
+  chunk's patches stay in cache; in float32 those with 3-wide kernels
+  (the study's 46x46x32 layer) by Winograd F(2, 3) along the width and
+  im2col along the height, 2/3 of the FLOPs and of the patches' memory.
 
 Every matmul of these paths (im2col and Winograd products) is oneDNN's
 where `agejax.onednn` is enabled for its dtype, XLA's dot otherwise.
@@ -540,6 +542,9 @@ def _input_grad(w: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
 # gradient took 82 ms that way at batch 64, against 42 (docs/PERFORMANCE.md,
 # session 13).
 _CHANNEL_MAJOR_PATCH_DTYPES = (jnp.float32,)
+# Chunked float32 kernel gradients of 3-wide kernels by Winograd F(2, 3)
+# along the width (`_width_winograd_kernel_grad`; channel-major too).
+_WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES = (jnp.float32,)
 
 
 def _im2col_kernel_grad(
@@ -590,6 +595,42 @@ def _channel_major_kernel_grad(
   )
 
 
+def _width_winograd_kernel_grad(
+    xt: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
+) -> jax.Array:
+  """`_channel_major_kernel_grad` of a 3-wide kernel, Winograd F(2, 3) across.
+
+  Along the width, the input's 4-column tiles at stride 2 are transformed
+  (``B^T d``), and the cotangent's column pairs (``A g``); along the height
+  the tiles are shifted by the kernel's rows, as im2col does. The 4 products
+  [kh * C_in, positions / 2] @ [positions / 2, C_out] take 2/3 of the im2col
+  product's FLOPs, their patches 2/3 of its memory; ``G^T`` of the products
+  gives the kernel's 3 columns. The width is zero-padded to whole tiles.
+  """
+  cin, n, h, w = xt.shape
+  _, ho, wo, cout = g.shape
+  tw = -(-wo // 2)
+  xt = jnp.pad(xt, ((0, 0), (0, 0), (0, 0), (0, 2 * tw + 2 - w)))
+  g = jnp.pad(g, ((0, 0), (0, 0), (0, 2 * tw - wo), (0, 0)))
+  left = xt[..., : 2 * tw].reshape(cin, n, h, tw, 2)
+  right = xt[..., 2:].reshape(cin, n, h, tw, 2)
+  tiles = _winograd_1d(left[..., 0], left[..., 1], right[..., 0], right[..., 1])
+  patches = jnp.stack(
+      [jnp.stack([t[:, :, i : i + ho] for i in range(kh)]) for t in tiles]
+  )
+  pairs = g.reshape(n, ho, tw, 2, cout)
+  u = jnp.stack(_winograd_output_1d_t(pairs[..., 0, :], pairs[..., 1, :]))
+  m = _dot_general(
+      patches.reshape(4, kh * cin, n * ho * tw),
+      u.reshape(4, n * ho * tw, cout),
+      (((2,), (1,)), ((0,), (0,))),
+      precision=precision,
+      preferred_element_type=jnp.float32,
+  ).reshape(4, kh, cin, cout)
+  dw = jnp.stack(_winograd_kernel_1d_t(m[0], m[1], m[2], m[3]), axis=1)
+  return dw.reshape(kh * kw * cin, cout)
+
+
 def _channels_first(x: jax.Array) -> jax.Array:
   """[..., B, H, W, C] as [..., C, B, H, W]."""
   return jnp.moveaxis(x, -1, -4)
@@ -600,21 +641,26 @@ def _kernel_grad(
 ) -> jax.Array:
   """dW [kh, kw, C_in, C_out] of the VALID convolution for cotangent ``g``.
 
-  Large layers (`_chunked_kernel_grad`) sum the im2col products of
+  Large layers (`_chunked_kernel_grad`) sum the products of
   `_KERNEL_GRAD_CHUNK` images at a time; a batch that is not a multiple of
   the chunk adds the remaining images' product at the end. A float32 input
-  is transposed to channel-major once, for all chunks. The alternatives
-  measured for the study's 46x46x32 layer, Eigen's 3-D filter-gradient
-  convolution and one im2col product of the whole batch, took twice as long
-  (docs/PERFORMANCE.md, session 10).
+  is transposed to channel-major once, for all chunks. Large float32 layers
+  with 3-wide kernels take Winograd F(2, 3) along the width
+  (`_width_winograd_kernel_grad`): on the study's 46x46x32 layer, 30 ms at
+  batch 64 against 35 for im2col (docs/PERFORMANCE.md, session 15). The
+  alternatives measured before, Eigen's 3-D filter-gradient convolution and
+  one im2col product of the whole batch, took twice as long (session 10).
   """
   cin, cout = x.shape[3], g.shape[3]
   dtype = jnp.result_type(x, g)
-  if dtype in _CHANNEL_MAJOR_PATCH_DTYPES:
+  chunked = _chunked_kernel_grad(x.shape, g.shape)
+  if chunked and kw == 3 and dtype in _WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES:
+    product, to_layout = _width_winograd_kernel_grad, _channels_first
+  elif dtype in _CHANNEL_MAJOR_PATCH_DTYPES:
     product, to_layout = _channel_major_kernel_grad, _channels_first
   else:
     product, to_layout = _im2col_kernel_grad, lambda a: a
-  if not _chunked_kernel_grad(x.shape, g.shape):
+  if not chunked:
     dw = product(to_layout(x), g, kh, kw, precision)
     return dw.reshape(kh, kw, cin, cout).astype(dtype)
   n = x.shape[0]

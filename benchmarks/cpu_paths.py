@@ -17,6 +17,12 @@ choices and for the training-speed ceiling, so they live here, runnable:
       alone and together, by Winograd and by agejax's other paths (the
       transposed convolution; the im2col kernel gradient, in chunks of
       images on large layers).
+  python -m benchmarks.cpu_paths --what=kernel_grads --batch_size=64
+      The 46x46x32 layer's kernel gradient, the largest data movement left
+      in the float32 training step: as shipped (Winograd F(2, 3) along the
+      width) and by the formulations measured against it (im2col with
+      three patch layouts, Winograd F(2x2, 3x3), oneDNN convolutions), with
+      each one's error against ``lax``'s.
   python -m benchmarks.cpu_paths --what=dropout --batch_size=64
       The study network's dropout inputs, flax's layer against `agejax.dropout`'s
       (the same masks; the hash written out instead of JAX's rolled loop).
@@ -39,14 +45,18 @@ choices and for the training-speed ceiling, so they live here, runnable:
       bfloat16), with flax's own dropout layer (the same masks, JAX's
       threefry), with agejax's masks hashed again by every loop that reads
       them, with flax's ReLU and BatchNorm layers, with the float32 im2col
-      kernel gradient's patches concatenated from the NHWC input, with
-      XLA:CPU's own convolutions and dots instead of oneDNN's
+      kernel gradient's patches concatenated from the NHWC input, with the
+      46x46x32 layer's kernel gradient by im2col instead of Winograd along
+      the width, with XLA:CPU's own convolutions and dots instead of oneDNN's
       (`agejax.onednn`). Also ideas
       measured and not adopted: that layer's Winograd backward in a
-      `lax.scan` over 4 images at a time; two other settings of
-      XLA:CPU's YNNPACK fusion; and XLA:CPU's experimental oneDNN fusion of
+      `lax.scan` over 4 images at a time, or its kernel gradient alone by
+      Winograd F(2x2, 3x3); Winograd's forward from 5 output rows; two
+      other settings of XLA:CPU's YNNPACK fusion; and XLA:CPU's experimental oneDNN fusion of
       every dot (where that fusion fails to compile it aborts the process:
-      leave the column out with ``--variants``).
+      leave the column out with ``--variants``). And one measurement, not
+      a choice: the step without that layer's kernel gradient (zeros; for
+      timing only), which gives what computing it costs.
   python -m benchmarks.cpu_paths --what=host --batch_sizes=64,256 --host_malloc=system
       `agejax.steps.train_step` alone: ms per step, cores busy, the share of
       CPU time spent in the kernel, minor page faults and voluntary context
@@ -77,6 +87,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import glob
+import json
 import os
 import re
 import resource
@@ -105,11 +116,14 @@ from agejax import steps
 _WHAT = flags.DEFINE_enum(
     'what',
     'layers',
-    ['peak', 'layers', 'gradients', 'dropout', 'eval', 'train', 'host', 'alternate', 'flops', 'profile'],
+    [
+        'peak', 'layers', 'gradients', 'kernel_grads', 'dropout', 'eval', 'train', 'host',
+        'alternate', 'flops', 'profile',
+    ],
     'Which measurement.',
 )
 _BATCH_SIZE = flags.DEFINE_integer(
-    'batch_size', 64, 'Batch size for --what=layers, gradients, dropout and profile.'
+    'batch_size', 64, 'Batch size for --what=layers, gradients, kernel_grads, dropout and profile.'
 )
 _TOP = flags.DEFINE_integer('top', 30, 'Rows of each --what=profile table.')
 _STEP = flags.DEFINE_enum(
@@ -281,6 +295,168 @@ def _gradients(batch_size: int, repeats: int) -> None:
     )
 
 
+# --what=kernel_grads: the 46x46x32 layer's kernel gradient (x [B, 46, 46,
+# 32], cotangent [B, 44, 44, 64]) by formulations measured against the
+# shipped one. Each returns dW [3, 3, 32, 64].
+_KG_CHUNK = conv._KERNEL_GRAD_CHUNK
+
+
+def _chunked_products(
+    patches_of: Callable[[jax.Array], jax.Array],
+    xs: jax.Array,
+    gs: jax.Array,
+    contract: int,
+) -> jax.Array:
+  """Sum over chunks of ``patches_of(x chunk)`` contracted with the g chunk.
+
+  ``contract`` is the patches' axis over positions (0 NHWC, 1 channel-major).
+  """
+
+  def add(dw: jax.Array, chunk: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+    p = patches_of(chunk[0])
+    product = onednn.dot_general(
+        p, chunk[1], (((contract,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+    return dw + product, None
+
+  rows = jax.eval_shape(patches_of, xs[0]).shape[1 - contract]
+  dw, _ = lax.scan(add, jnp.zeros((rows, gs.shape[-1]), jnp.float32), (xs, gs))
+  return dw
+
+
+def _kg_shipped(x: jax.Array, g: jax.Array) -> jax.Array:
+  return conv._kernel_grad(x, g, 3, 3, None)
+
+
+def _kg_im2col(x: jax.Array, g: jax.Array) -> jax.Array:
+  with mock.patch.object(conv, '_WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES', ()):
+    return conv._kernel_grad(x, g, 3, 3, None)
+
+
+def _kg_nhwc_patches(x: jax.Array, g: jax.Array) -> jax.Array:
+  """NHWC patches [4 * 44 * 44, 9 * 32] (nested stacks), read transposed."""
+  n, h, w, c = x.shape
+  _, ho, wo, co = g.shape
+  xs = x.reshape(n // _KG_CHUNK, _KG_CHUNK, h, w, c)
+  gs = g.reshape(n // _KG_CHUNK, _KG_CHUNK * ho * wo, co)
+  patches = lambda xc: jnp.stack([
+      jnp.stack([xc[:, i : i + ho, j : j + wo] for j in range(3)], axis=-2) for i in range(3)
+  ], axis=-3).reshape(-1, 9 * c)
+  return _chunked_products(patches, xs, gs, 0).reshape(3, 3, c, co)
+
+
+def _kg_whole_rows(x: jax.Array, g: jax.Array) -> jax.Array:
+  """Channel-major patches whose rows are contiguous runs of whole input rows.
+
+  Tap (i, j) of image n is the run of 44 * 46 values from offset i * 46 + j
+  of its flattened input; the cotangent is padded to 46 columns with zeros,
+  so the wrapped-around columns add nothing.
+  """
+  n, h, w, c = x.shape
+  _, ho, wo, co = g.shape
+  run = ho * w
+  xt = jnp.pad(jnp.moveaxis(x, -1, 0).reshape(c, n, h * w), ((0, 0), (0, 0), (0, 2)))
+  xs = jnp.moveaxis(xt.reshape(c, n // _KG_CHUNK, _KG_CHUNK, -1), 1, 0)
+  gs = jnp.pad(g, ((0, 0), (0, 0), (0, w - wo), (0, 0)))
+  gs = gs.reshape(n // _KG_CHUNK, _KG_CHUNK * run, co)
+  patches = lambda xc: jnp.stack([
+      jnp.stack([xc[:, :, i * w + j : i * w + j + run] for j in range(3)]) for i in range(3)
+  ]).reshape(9 * c, -1)
+  return _chunked_products(patches, xs, gs, 1).reshape(3, 3, c, co)
+
+
+def _kg_winograd(x: jax.Array, g: jax.Array) -> jax.Array:
+  """`conv.winograd_conv_valid_vjp`'s kernel gradient (its dx is not computed)."""
+  w = jnp.zeros((3, 3, x.shape[3], g.shape[3]), x.dtype)  # only its shape matters
+  return conv.winograd_conv_valid_vjp(x, w, g)[1]
+
+
+def _onednn_grouped_conv(
+    x: jax.Array, w: jax.Array, groups: int, out_shape: tuple[int, ...]
+) -> jax.Array:
+  """``__onednn$convolution`` of NHWC ``x`` and HWIO ``w`` in feature groups."""
+  config = json.loads(onednn._conv_config(((0, 0), (0, 0))))
+  config['onednn_conv_config']['feature_groups'] = groups
+  out = jax.ShapeDtypeStruct(out_shape, x.dtype)
+  return onednn._call('__onednn$convolution', out, json.dumps(config), x, w)
+
+
+def _kg_onednn_blocks(block: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """dW as one oneDNN convolution, the cotangent cut into block x block tiles.
+
+  The input's channels become the batch, each tile's images and positions
+  become input channels, the offsets within a tile the kernel's taps:
+  x'[c, p, q, (n, a, b)] = x[n, block * a + p, block * b + q, c] for p, q <
+  block + 2 (about (block + 2)^2 / block^2 copies of the input), convolved
+  with the cotangent as a block x block kernel, gives dW as a 3x3 output.
+  """
+
+  def kernel_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+    n, _, _, c = x.shape
+    _, ho, _, co = g.shape
+    tiles = ho // block
+    span = block * (tiles - 1) + 1
+    rows = jnp.stack([x[:, p : p + span : block] for p in range(block + 2)])
+    taps = jnp.stack([rows[:, :, :, q : q + span : block] for q in range(block + 2)], axis=1)
+    xt = jnp.transpose(taps, (5, 0, 1, 2, 3, 4)).reshape(c, block + 2, block + 2, -1)
+    gt = g.reshape(n, tiles, block, tiles, block, co).transpose(2, 4, 0, 1, 3, 5)
+    out = onednn.conv(xt, gt.reshape(block, block, -1, co))
+    return jnp.transpose(out, (1, 2, 0, 3))
+
+  return kernel_grad
+
+
+def _kg_onednn_depthwise(x: jax.Array, g: jax.Array) -> jax.Array:
+  """NHWC patches by a oneDNN depthwise convolution with 0/1 kernels, one product."""
+  n, h, w, c = x.shape
+  _, ho, wo, co = g.shape
+  taps = np.zeros((3, 3, 1, c, 9), np.float32)
+  for t in range(9):
+    taps[t // 3, t % 3, 0, :, t] = 1
+  patches = _onednn_grouped_conv(
+      x, jnp.asarray(taps.reshape(3, 3, 1, 9 * c), x.dtype), c, (n, ho, wo, 9 * c)
+  )
+  dw = onednn.dot_general(
+      patches.reshape(-1, 9 * c), g.reshape(-1, co), (((0,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32,
+  )  # rows (c, tap)
+  return jnp.moveaxis(dw.reshape(c, 3, 3, co), 0, 2)
+
+
+def _kernel_grads(batch_size: int, repeats: int) -> None:
+  if batch_size % _KG_CHUNK:
+    raise app.UsageError(f'--batch_size must be a multiple of {_KG_CHUNK} for --what=kernel_grads.')
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch_size, 46, 46, 32)), jnp.float32)
+  g = jnp.asarray(rng.standard_normal((batch_size, 44, 44, 64)), jnp.float32)
+  w = jnp.zeros((3, 3, 32, 64), jnp.float32)
+  _, pullback = jax.vjp(lambda w: lax_conv(x, w), w)
+  (reference,) = jax.jit(pullback)(g)
+  formulations = {
+      'shipped: Winograd F(2, 3) along the width (`conv._kernel_grad`)': _kg_shipped,
+      'im2col, channel-major patches (shipped until session 15)': _kg_im2col,
+      'im2col, NHWC patches read transposed': _kg_nhwc_patches,
+      'im2col, channel-major patches of whole-width rows': _kg_whole_rows,
+      'Winograd F(2x2, 3x3)': _kg_winograd,
+  }
+  if onednn.available():
+    formulations |= {
+        'oneDNN convolution, 4x4 tiles': _kg_onednn_blocks(4),
+        'oneDNN convolution, 11x11 tiles': _kg_onednn_blocks(11),
+        'oneDNN depthwise patches, one product': _kg_onednn_depthwise,
+    }
+  print(
+      f'46x46x32 -> 64 kernel gradient, batch {batch_size}, ms (min of {repeats});'
+      " error = max |diff| / max |lax's|"
+  )
+  print('| formulation | ms | error |\n|---|---|---|')
+  for name, fn in formulations.items():
+    compiled = jax.jit(fn)
+    err = float(jnp.max(jnp.abs(compiled(x, g) - reference)) / jnp.max(jnp.abs(reference)))
+    ms = min(_time(compiled, x, g, repeats=repeats)) * 1e3
+    print(f'| {name} | {ms:.1f} | {err:.1e} |', flush=True)
+
+
 def _batch(batch_size: int, rng: np.random.Generator) -> dict[str, jax.Array]:
   return jax.device_put({
       'image': rng.integers(0, 256, (batch_size, 48, 48, 1), dtype=np.uint8),
@@ -366,6 +542,30 @@ def _flat_stack_16(groups: Sequence[Sequence[jax.Array]]) -> jax.Array:
   return jnp.stack(pieces).reshape(4, 4, *pieces[0].shape)
 
 
+# The shipped kernel gradient, which the variants below call for the other
+# layers while they are patched in as `conv._kernel_grad`.
+_KERNEL_GRAD = conv._kernel_grad
+
+
+def _kernel_grad_winograd_from_32(
+    x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
+) -> jax.Array:
+  """The 46x46x32 layer's kernel gradient by Winograd; others as shipped."""
+  if (kh, kw) != (3, 3) or not 32 <= x.shape[3] < 64:
+    return _KERNEL_GRAD(x, g, kh, kw, precision)
+  w = jnp.zeros((kh, kw, x.shape[3], g.shape[3]), x.dtype)  # only its shape matters
+  return conv.winograd_conv_valid_vjp(x, w, g, precision)[1]
+
+
+def _kernel_grad_skipped_from_32(
+    x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
+) -> jax.Array:
+  """Zeros for the 46x46x32 layer's kernel gradient (timing only)."""
+  if (kh, kw) != (3, 3) or not 32 <= x.shape[3] < 64:
+    return _KERNEL_GRAD(x, g, kh, kw, precision)
+  return jnp.zeros((kh, kw, x.shape[3], g.shape[3]), x.dtype)
+
+
 # Winograd both ways from 32 input channels, as shipped until session 10.
 _WINOGRAD_FROM_32 = {
     '_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 32,
@@ -388,7 +588,24 @@ _TRAIN_VARIANTS = {
         {conv: {**_WINOGRAD_FROM_32, 'winograd_conv_valid_vjp': _winograd_vjp_in_chunks}},
         None,
     ),
-    'kernel gradient patches from NHWC': ({conv: {'_CHANNEL_MAJOR_PATCH_DTYPES': ()}}, None),
+    'kernel gradient patches from NHWC': (
+        {conv: {'_CHANNEL_MAJOR_PATCH_DTYPES': (), '_WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES': ()}},
+        None,
+    ),
+    # The chunked im2col kernel gradient also for 3-wide kernels (as shipped
+    # until session 15).
+    'kernel gradient by im2col': ({conv: {'_WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES': ()}}, None),
+    # Not choices undone: measured and not adopted (session 15).
+    '46x46x32 kernel gradient by Winograd': (
+        {conv: {'_kernel_grad': _kernel_grad_winograd_from_32}},
+        None,
+    ),
+    'Winograd forward from 5 output rows': ({conv: {'_WINOGRAD_FORWARD_MIN_OUT_ROWS': 5}}, None),
+    # Not a choice: what the 46x46x32 layer's kernel gradient costs the step.
+    'no 46x46x32 kernel gradient (timing only)': (
+        {conv: {'_kernel_grad': _kernel_grad_skipped_from_32}},
+        None,
+    ),
     # XLA:CPU's own convolutions and dots (as shipped until session 14).
     'XLA kernels instead of oneDNN': ({onednn: {'_DTYPES': ()}}, None),
     'no Winograd forward': ({conv: {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 10**9}}, None),
@@ -659,6 +876,8 @@ def main(argv: Sequence[str]) -> None:
     _layers(_BATCH_SIZE.value, _REPEATS.value)
   elif _WHAT.value == 'gradients':
     _gradients(_BATCH_SIZE.value, _REPEATS.value)
+  elif _WHAT.value == 'kernel_grads':
+    _kernel_grads(_BATCH_SIZE.value, _REPEATS.value)
   elif _WHAT.value == 'dropout':
     _dropout(_BATCH_SIZE.value, _REPEATS.value)
   elif _WHAT.value == 'eval':
