@@ -57,6 +57,11 @@ stride 1, no dilation, one feature and batch group, no
 non-negative padding. Any other call is passed to ``lax.conv_general_dilated``
 unchanged, so the function is safe to use everywhere.
 
+`conv_bias_relu` is ``relu(conv + bias)`` as one op with the same
+gradients: the CPU training path computes the study's convolutions with
+it, so that the rectified output is what the convolution's own pass
+writes (oneDNN's post-ops, or Winograd's last loop) and BatchNorm reads.
+
 `max_pool_fast` is ``flax.linen.max_pool`` for non-overlapping windows
 (stride = window, VALID) with a custom VJP that gives exactly the same
 gradient, ties included, from elementwise operations. `max_pool_for` picks
@@ -934,3 +939,59 @@ def _conv_valid_bwd(
 
 
 _conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
+
+
+def conv_bias_relu(
+    x: jax.Array, w: jax.Array, b: jax.Array, precision: Any = None
+) -> jax.Array:
+  """``relu(conv(x, w) + b)``: VALID, stride 1, NHWC x HWIO, as one op.
+
+  Why: the study's network rectifies every convolution's output before its
+  BatchNorm, whose statistics XLA:CPU reduces in YNNPACK from a separately
+  written ``relu(z + b)``. Here the rectified output is what the
+  convolution writes: oneDNN adds the bias and rectifies in its own pass
+  (its post-ops) where `onednn.enabled_for` the dtype and the layer takes
+  no Winograd forward; elsewhere XLA fuses both into the forward's last
+  loop. BatchNorm then reads it as written (`agejax.relu_batch_norm` with
+  ``rectified=True``). Values and gradients are those of
+  ``nn.relu(lax.conv_general_dilated(x, w) + b)`` to float32 rounding
+  (the gradients `matmul_conv_general_dilated`'s, the ReLU's 0 at 0).
+  """
+  if x.ndim != 4 or w.ndim != 4 or x.shape[3] != w.shape[2] or b.shape != w.shape[3:]:
+    raise ValueError(
+        f'conv_bias_relu takes NHWC x HWIO and [C_out], got {list(x.shape)},'
+        f' {list(w.shape)} and {list(b.shape)}.'
+    )
+  return _conv_bias_relu(x, w, b, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _conv_bias_relu(
+    x: jax.Array, w: jax.Array, b: jax.Array, precision: Any
+) -> jax.Array:
+  if (
+      not _winograd_forward(x.shape, w)
+      and x.dtype == w.dtype == b.dtype
+      and onednn.enabled_for(x.dtype)
+  ):
+    return onednn.conv(x, w, bias=b, relu=True)
+  return nn.relu(_forward(x, w, precision) + b)
+
+
+def _conv_bias_relu_fwd(
+    x: jax.Array, w: jax.Array, b: jax.Array, precision: Any
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+  r = _conv_bias_relu(x, w, b, precision)
+  return r, (x, w, r)
+
+
+def _conv_bias_relu_bwd(
+    precision: Any, res: tuple[jax.Array, jax.Array, jax.Array], g: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  x, w, r = res
+  dz = jnp.where(r > 0, g, jnp.zeros((), g.dtype))
+  dx, dw = _conv_valid_bwd(precision, (x, w), dz)
+  return dx, dw, jnp.sum(dz, (0, 1, 2))
+
+
+_conv_bias_relu.defvjp(_conv_bias_relu_fwd, _conv_bias_relu_bwd)

@@ -28,12 +28,16 @@ STUDY_CONV_FILTERS = ((32, 64), (128, 128), (128, 256))
 
 # Keras' BatchNorm epsilon, which the study's network used.
 _BN_EPSILON = 1e-3
+# Every convolution's kernel (VALID padding).
+_KERNEL = (3, 3)
 # Each convolution block ends in 2x2 max-pooling, stride 2.
 _POOL_WINDOW = (2, 2)
 # Implementations whose training pass runs ReLU, BatchNorm and a block's
 # max-pooling as one op with a written-out gradient
-# (`agejax.relu_batch_norm`): the CPU training path, where XLA:CPU otherwise
-# writes out each intermediate. On GPU and TPU XLA fuses flax's layers well.
+# (`agejax.relu_batch_norm`), each convolution's bias and ReLU in its own
+# pass (`agejax.conv.conv_bias_relu`): the CPU training path, where XLA:CPU
+# otherwise writes out each intermediate. On GPU and TPU XLA fuses flax's
+# layers well.
 _FUSED_NORM_IMPLS = ('matmul',)
 
 
@@ -90,18 +94,24 @@ class CNN(nn.Module):
     fuse_norm = train and impl in _FUSED_NORM_IMPLS
     for b, filters in enumerate(self.conv_filters, start=1):
       for c, features in enumerate(filters, start=1):
-        relu = conv_lib.relu_for(impl, x.shape[-1])
-        x = nn.Conv(
-            features,
-            (3, 3),
-            padding='VALID',
-            dtype=self.dtype,
-            conv_general_dilated=conv_fn,
-            name=f'block{b}/conv{c}',
-        )(x)
+        name = f'block{b}/conv{c}'
+        if fuse_norm:
+          # The ReLU in the convolution's pass (its output is rectified).
+          x = _ConvBiasRelu(features, dtype=self.dtype, name=name)(x)
+          relu = lambda r: r
+        else:
+          relu = conv_lib.relu_for(impl, x.shape[-1])
+          x = nn.Conv(
+              features,
+              _KERNEL,
+              padding='VALID',
+              dtype=self.dtype,
+              conv_general_dilated=conv_fn,
+              name=name,
+          )(x)
         pool = max_pool if c == len(filters) else None
         x = self._relu_batch_norm(
-            x, f'block{b}/bn{c}', train, fuse_norm, relu, pool
+            x, f'block{b}/bn{c}', train, fuse_norm, relu, pool, rectified=fuse_norm
         )
       x = dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
@@ -120,8 +130,12 @@ class CNN(nn.Module):
       fuse: bool,
       relu: Callable[[jax.Array], jax.Array],
       pool: Optional[conv_lib.PoolFn] = None,
+      rectified: bool = False,
   ) -> jax.Array:
-    """``relu``, then BatchNorm ``name``, then ``pool`` if given."""
+    """``relu``, then BatchNorm ``name``, then ``pool`` if given.
+
+    ``rectified``: ``x`` is ReLU's output already and ``relu`` the identity.
+    """
     frozen = name in self.frozen_bn
     if fuse and not frozen:
       window = _POOL_WINDOW if pool is not None else None
@@ -129,6 +143,7 @@ class CNN(nn.Module):
           momentum=self.bn_momentum,
           epsilon=_BN_EPSILON,
           pool_window=window,
+          rectified=rectified,
           name=name,
       )(x)
     x = nn.BatchNorm(
@@ -140,6 +155,31 @@ class CNN(nn.Module):
         name=name,
     )(relu(x))
     return x if pool is None else pool(x)
+
+
+class _ConvBiasRelu(nn.Module):
+  """``nn.relu(nn.Conv(features, (3, 3), padding='VALID')(x))`` as one op.
+
+  The same parameters (``kernel``, ``bias``: float32, nn.Conv's
+  initializers) and dtype handling as ``nn.Conv``, so it stands in for one
+  under the same name; computed by `agejax.conv.conv_bias_relu`, which
+  writes the rectified output in the convolution's own pass.
+  """
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+        'kernel',
+        nn.initializers.lecun_normal(),
+        (*_KERNEL, x.shape[-1], self.features),
+        jnp.float32,
+    )
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return conv_lib.conv_bias_relu(x, kernel, bias)
 
 
 def fer_model(**overrides: Any) -> CNN:

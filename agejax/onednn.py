@@ -53,9 +53,15 @@ _CPUINFO = '/proc/cpuinfo'
 _PROBE_TOLERANCE = 1e-5
 
 
-def _conv_config(padding: Sequence[tuple[int, int]]) -> str:
-  """Backend config of an NHWC x HWIO, stride-1 ``__onednn$convolution``."""
-  return json.dumps({
+def _conv_config(
+    padding: Sequence[tuple[int, int]], post_ops: Sequence[str] = ()
+) -> str:
+  """Backend config of an NHWC x HWIO, stride-1 ``__onednn$convolution``.
+
+  ``post_ops`` are XLA's names of oneDNN's post-ops, applied in order
+  (``'BIAS'`` reads the call's third operand).
+  """
+  config = {
       'onednn_conv_config': {
           'dims': 4,
           'feature_groups': 1,
@@ -72,17 +78,27 @@ def _conv_config(padding: Sequence[tuple[int, int]]) -> str:
               'window_dilations': [1, 1],
           },
       }
-  })
+  }
+  if post_ops:
+    config['onednn_conv_config']['fusions'] = {'ops': list(post_ops)}
+  return json.dumps(config)
 
 
 def conv(
-    x: jax.Array, w: jax.Array, padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))
+    x: jax.Array,
+    w: jax.Array,
+    padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+    *,
+    bias: jax.Array | None = None,
+    relu: bool = False,
 ) -> jax.Array:
   """Stride-1 NHWC x HWIO convolution of ``x`` zero-padded by ``padding``.
 
-  ``padding`` is ``((top, bottom), (left, right))``, non-negative. Only
-  call it where `enabled_for` holds; it has no gradient of its own
-  (`agejax.conv` differentiates it).
+  ``padding`` is ``((top, bottom), (left, right))``, non-negative. With
+  ``bias`` ([C_out]) it is added, and with ``relu`` the result rectified,
+  in the convolution's own pass (oneDNN's post-ops). Only call it where
+  `enabled_for` holds; it has no gradient of its own (`agejax.conv`
+  differentiates it).
   """
   n, h, wd, cin = x.shape
   kh, kw, kcin, cout = w.shape
@@ -91,6 +107,11 @@ def conv(
         f'oneDNN convolution of {x.dtype}{list(x.shape)} (NHWC) with '
         f'{w.dtype}{list(w.shape)} (HWIO): channels and dtypes must match.'
     )
+  if bias is not None and (bias.shape != (cout,) or bias.dtype != x.dtype):
+    raise ValueError(
+        f'oneDNN convolution bias must be {x.dtype}[{cout}], got'
+        f' {bias.dtype}{list(bias.shape)}.'
+    )
   if min(min(pair) for pair in padding) < 0:
     # oneDNN would reject it by aborting the process.
     raise ValueError(f'oneDNN convolution padding must be non-negative, got {padding}.')
@@ -98,7 +119,9 @@ def conv(
   out = jax.ShapeDtypeStruct(
       (n, h + top + bottom - kh + 1, wd + left + right - kw + 1, cout), x.dtype
   )
-  return _call('__onednn$convolution', out, _conv_config(padding), x, w)
+  post_ops = ('BIAS',) * (bias is not None) + ('RELU',) * relu
+  operands = (x, w) if bias is None else (x, w, bias)
+  return _call('__onednn$convolution', out, _conv_config(padding, post_ops), *operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -244,8 +267,9 @@ def available() -> bool:
   """Whether this process can use XLA:CPU's oneDNN kernels (module docstring).
 
   Checked once per process, when first asked, by running a small
-  convolution (unpadded and padded) and matmul (plain and each operand
-  transposed, with a batch dimension) through them.
+  convolution (unpadded, padded, and with its bias and ReLU post-ops) and
+  matmul (plain and each operand transposed, with a batch dimension)
+  through them.
   """
   if (
       platform.machine().lower() not in ('x86_64', 'amd64')
@@ -267,12 +291,16 @@ def _probe() -> jax.Array:
   w = jnp.cos(jnp.arange(3 * 2 * 3 * 4, dtype=jnp.float32)).reshape(3, 2, 3, 4)
   a = jnp.sin(jnp.arange(2 * 5 * 3, dtype=jnp.float32)).reshape(2, 5, 3)
   b = jnp.cos(jnp.arange(2 * 3 * 4, dtype=jnp.float32)).reshape(2, 3, 4)
+  bias = jnp.linspace(-1.0, 1.0, 4, dtype=jnp.float32)
   pairs = []
   for padding in (((0, 0), (0, 0)), ((2, 1), (0, 1))):
     want = lax.conv_general_dilated(
         x, w, (1, 1), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')
     )
     pairs.append((conv(x, w, padding), want))
+    pairs.append(
+        (conv(x, w, padding, bias=bias, relu=True), jnp.maximum(want + bias, 0))
+    )
   for ta, tb in ((False, False), (True, False), (False, True)):
     lhs = jnp.swapaxes(a, 1, 2) if ta else a
     rhs = jnp.swapaxes(b, 1, 2) if tb else b

@@ -36,32 +36,39 @@ from agejax import conv
 Window = Optional[tuple[int, int]]
 
 
-def _relu32(z: jax.Array) -> jax.Array:
-  return jnp.maximum(z, 0).astype(jnp.float32)
+def _relu32(z: jax.Array, rectified: bool) -> jax.Array:
+  """``relu(z)`` in float32; ``z`` itself where it is already rectified."""
+  r = z if rectified else jnp.maximum(z, 0)
+  return r.astype(jnp.float32)
 
 
-def _stats(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _stats(z: jax.Array, rectified: bool) -> tuple[jax.Array, jax.Array]:
   """Mean and (biased) variance of ``relu(z)`` per channel, as flax computes."""
-  r = _relu32(z)
+  r = _relu32(z, rectified)
   axes = tuple(range(z.ndim - 1))
   mean = jnp.mean(r, axes)
   var = jnp.maximum(0.0, jnp.mean(jnp.square(r), axes) - jnp.square(mean))
   return mean, var
 
 
-def _normalized(z, mean, inv):
-  return (_relu32(z) - mean) * inv
+def _normalized(z, mean, inv, rectified):
+  return (_relu32(z, rectified) - mean) * inv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def relu_batch_norm(
     z: jax.Array,
     scale: jax.Array,
     bias: jax.Array,
     epsilon: float,
     window: Window = None,
+    rectified: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``BatchNorm(relu(z))`` with batch statistics, max-pooled if ``window``.
+
+  With ``rectified``, ``z`` is already ReLU's output (`agejax.conv.conv_bias_relu`
+  writes it so): the op is then BatchNorm alone, and its statistics read
+  ``z`` as it is, with no rectified copy for XLA:CPU to write out.
 
   Args:
     z: [B, H, W, C] or [B, C] pre-activations, float32 or bfloat16.
@@ -69,6 +76,8 @@ def relu_batch_norm(
     bias: [C] float32 BatchNorm bias.
     epsilon: Added to the variance.
     window: (kh, kw) of a non-overlapping VALID max-pooling, or None.
+    rectified: Whether ``z`` is non-negative already (skips the ReLU and
+      its derivative).
 
   Returns:
     The output in ``z``'s dtype ([B, H // kh, W // kw, C] when pooled), and
@@ -78,18 +87,18 @@ def relu_batch_norm(
   Raises:
     ValueError: ``window`` has more than 127 elements.
   """
-  (y, mean, var), _ = _forward(z, scale, bias, epsilon, window)
+  (y, mean, var), _ = _forward(z, scale, bias, epsilon, window, rectified)
   return y, mean, var
 
 
-def _forward(z, scale, bias, epsilon, window):
+def _forward(z, scale, bias, epsilon, window, rectified):
   if window is not None and window[0] * window[1] > 127:
     raise ValueError(f'Pooling windows of at most 127 elements, got {window}.')
-  mean, var = _stats(z)
+  mean, var = _stats(z, rectified)
   inv = lax.rsqrt(var + epsilon)
   mul = scale * inv
   # flax's order of operations, so that the values (and ties) are the same.
-  y = ((_relu32(z) - mean) * mul + bias).astype(z.dtype)
+  y = ((_relu32(z, rectified) - mean) * mul + bias).astype(z.dtype)
   if window is None:
     return (y, mean, var), (z, scale, mean, inv, None, None)
   taps = conv.pool_taps(y, window)
@@ -100,7 +109,7 @@ def _forward(z, scale, bias, epsilon, window):
   first = jnp.full(pooled.shape, len(taps), jnp.int8)
   for t in reversed(range(len(taps))):
     first = jnp.where(taps[t] == pooled, jnp.int8(t), first)
-  xhat_taps = conv.pool_taps(_normalized(z, mean, inv), window)
+  xhat_taps = conv.pool_taps(_normalized(z, mean, inv, rectified), window)
   xhat_first = functools.reduce(
       lambda acc, t: jnp.where(first == t, xhat_taps[t], acc),
       range(len(taps)),
@@ -109,14 +118,14 @@ def _forward(z, scale, bias, epsilon, window):
   return (pooled, mean, var), (z, scale, mean, inv, first, xhat_first)
 
 
-def _backward(epsilon, window, res, cotangents):
+def _backward(epsilon, window, rectified, res, cotangents):
   del epsilon
   z, scale, mean, inv, first, xhat_first = res
   g, d_mean, d_var = cotangents
   g = g.astype(jnp.float32)
   axes = tuple(range(z.ndim - 1))
   n = z.size // z.shape[-1]
-  xhat = _normalized(z, mean, inv)
+  xhat = _normalized(z, mean, inv, rectified)
   if window is None:
     dy = g
     d_bias = jnp.sum(g, axes)
@@ -142,8 +151,8 @@ def _backward(epsilon, window, res, cotangents):
   dr = (scale * inv) * (dy - d_bias / n - xhat * (d_scale / n)) + (
       d_mean + 2.0 * d_var * xhat / inv
   ) / n
-  dz = jnp.where(z > 0, dr, 0.0).astype(z.dtype)
-  return dz, d_scale, d_bias
+  dz = dr if rectified else jnp.where(z > 0, dr, 0.0)
+  return dz.astype(z.dtype), d_scale, d_bias
 
 
 relu_batch_norm.defvjp(_forward, _backward)
@@ -162,11 +171,14 @@ class ReluBatchNorm(nn.Module):
     epsilon: Added to the variance.
     pool_window: (kh, kw) of the non-overlapping max-pooling that follows,
       or None.
+    rectified: Whether its input is ReLU's output already
+      (`agejax.conv.conv_bias_relu`): then it is ``nn.BatchNorm`` alone.
   """
 
   momentum: float = 0.99
   epsilon: float = 1e-5
   pool_window: Window = None
+  rectified: bool = False
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -181,7 +193,7 @@ class ReluBatchNorm(nn.Module):
         'batch_stats', 'var', lambda: jnp.ones((features,), jnp.float32)
     )
     y, mean, var = relu_batch_norm(
-        z, scale, bias, self.epsilon, self.pool_window
+        z, scale, bias, self.epsilon, self.pool_window, self.rectified
     )
     if not self.is_initializing():
       mean, var = lax.stop_gradient(mean), lax.stop_gradient(var)

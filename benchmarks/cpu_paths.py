@@ -47,7 +47,8 @@ choices and for the training-speed ceiling, so they live here, runnable:
       them, with flax's ReLU and BatchNorm layers, with the float32 im2col
       kernel gradient's patches concatenated from the NHWC input, with the
       46x46x32 layer's kernel gradient by im2col instead of Winograd along
-      the width, with XLA:CPU's own convolutions and dots instead of oneDNN's
+      the width, with each convolution's bias and ReLU as ops of their own
+      instead of in its pass, with XLA:CPU's own convolutions and dots instead of oneDNN's
       (`agejax.onednn`). Also ideas
       measured and not adopted: that layer's Winograd backward in a
       `lax.scan` over 4 images at a time, or its kernel gradient alone by
@@ -566,6 +567,16 @@ def _kernel_grad_skipped_from_32(
   return jnp.zeros((kh, kw, x.shape[3], g.shape[3]), x.dtype)
 
 
+def _conv_then_bias_relu(
+    x: jax.Array, w: jax.Array, b: jax.Array, precision: Any = None
+) -> jax.Array:
+  """`conv.conv_bias_relu` as three ops: the convolution, then bias and ReLU."""
+  y = conv.matmul_conv_general_dilated(
+      x, w, (1, 1), 'VALID', dimension_numbers=_NHWC, precision=precision
+  )
+  return nn.relu(y + b)
+
+
 # Winograd both ways from 32 input channels, as shipped until session 10.
 _WINOGRAD_FROM_32 = {
     '_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 32,
@@ -590,6 +601,12 @@ _TRAIN_VARIANTS = {
     ),
     'kernel gradient patches from NHWC': (
         {conv: {'_CHANNEL_MAJOR_PATCH_DTYPES': (), '_WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES': ()}},
+        None,
+    ),
+    # Each convolution's bias and ReLU after it, not in its pass (as shipped
+    # until session 15).
+    'convolution bias and ReLU as ops of their own': (
+        {conv: {'conv_bias_relu': _conv_then_bias_relu}},
         None,
     ),
     # The chunked im2col kernel gradient also for 3-wide kernels (as shipped

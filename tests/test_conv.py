@@ -133,6 +133,52 @@ def _assert_falls_back_to_lax(fn, x, k, **overrides):
   assert jaxpr.count('conv_general_dilated') == 1, jaxpr
 
 
+class ConvBiasReluTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*_SHAPES)
+  def test_values_and_gradients_match_lax(self, b, h, w, cin, cout, kernel):
+    x, k = _inputs(b, h, w, cin, cout, kernel)
+    bias = jax.random.normal(jax.random.PRNGKey(3), (cout,)) * 0.3
+
+    def reference(x, k, bias):
+      y = lax.conv_general_dilated(x, k, (1, 1), 'VALID', dimension_numbers=_NHWC)
+      return nn.relu(y + bias)
+
+    def value_and_grads(fn, x, k, bias):
+      y, pullback = jax.vjp(fn, x, k, bias)
+      return y, pullback(_cotangent(y.shape))
+
+    want = value_and_grads(reference, x, k, bias)
+    got = self.variant(lambda *a: value_and_grads(conv.conv_bias_relu, *a))(x, k, bias)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+    # The ReLU zeroed some outputs and gradients.
+    self.assertGreater(float(jnp.mean(got[0] == 0)), 0.1)
+
+  @parameterized.parameters(
+      # (input shape, kernel shape, dtype, bias and ReLU in oneDNN's pass)
+      ((2, 46, 46, 32), (3, 3, 32, 64), jnp.float32, True),
+      ((2, 7, 7, 128), (3, 3, 128, 256), jnp.float32, True),
+      ((2, 22, 22, 64), (3, 3, 64, 128), jnp.float32, False),  # Winograd's
+      ((2, 22, 22, 64), (3, 3, 64, 128), jnp.bfloat16, True),
+  )
+  def test_onednn_adds_bias_and_relu_where_it_convolves(self, x_shape, w_shape, dtype, want):
+    if not onednn.enabled_for(dtype):
+      want = False
+    args = (jnp.zeros(x_shape, dtype), jnp.zeros(w_shape, dtype), jnp.zeros(w_shape[3:], dtype))
+    text = jax.jit(conv.conv_bias_relu).lower(*args).as_text()
+    self.assertEqual('RELU' in text, want)
+
+  @parameterized.parameters(
+      ((2, 8, 8), (3, 3, 3, 5), (5,)),
+      ((2, 8, 8, 3), (3, 3, 4, 5), (5,)),
+      ((2, 8, 8, 3), (3, 3, 3, 5), (4,)),
+  )
+  def test_wrong_shapes_raise(self, x_shape, w_shape, b_shape):
+    with self.assertRaisesRegex(ValueError, 'conv_bias_relu takes NHWC x HWIO'):
+      conv.conv_bias_relu(jnp.zeros(x_shape), jnp.zeros(w_shape), jnp.zeros(b_shape))
+
+
 class MatmulConvTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)

@@ -158,6 +158,29 @@ class ConvTest(chex.TestCase):
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
     self.assertEqual(_onednn_calls(lambda a, b: onednn.conv(a, b, padding), x, w), (1, 0))
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(
+      # (x shape, kernel shape, padding, relu)
+      ((2, 46, 46, 32), (3, 3, 32, 64), ((0, 0), (0, 0)), True),
+      ((2, 7, 7, 128), (3, 3, 128, 256), ((0, 0), (0, 0)), False),
+      ((3, 11, 7, 5), (3, 2, 5, 6), ((2, 1), (0, 3)), True),
+  )
+  def test_bias_and_relu_post_ops_match_lax(self, x_shape, w_shape, padding, relu):
+    x, w = _normal(0, x_shape), _normal(1, w_shape) / np.sqrt(np.prod(w_shape[:3]))
+    bias = _normal(2, w_shape[3:])
+    want = lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC) + bias
+    if relu:
+      want = jnp.maximum(want, 0)
+    fused = lambda a, b, c: onednn.conv(a, b, padding, bias=c, relu=relu)
+    got = self.variant(fused)(x, w, bias)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+    self.assertEqual(_onednn_calls(fused, x, w, bias), (1, 0))
+
+  @parameterized.parameters(((4,), jnp.float32), ((5,), jnp.bfloat16), ((1, 5), jnp.float32))
+  def test_mismatched_bias_raises(self, shape, dtype):
+    with self.assertRaisesRegex(ValueError, r'bias must be float32\[5\]'):
+      onednn.conv(jnp.zeros((2, 8, 8, 3)), jnp.zeros((3, 3, 3, 5)), bias=jnp.zeros(shape, dtype))
+
   @parameterized.parameters(
       ((2, 8, 8, 3), (3, 3, 4, 5), jnp.float32),
       ((2, 8, 8, 3), (3, 3, 3, 5), jnp.bfloat16),

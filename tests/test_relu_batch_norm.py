@@ -28,8 +28,11 @@ def _inputs(shape, seed=0):
   return z, scale, bias
 
 
-def _reference(z, scale, bias, window):
-  """nn.BatchNorm(nn.relu(z)) with batch statistics, then nn.max_pool."""
+def _reference(z, scale, bias, window, rectified=False):
+  """nn.BatchNorm(nn.relu(z)) with batch statistics, then nn.max_pool.
+
+  With ``rectified``, nn.BatchNorm(z): no ReLU, nor its derivative.
+  """
   bn = nn.BatchNorm(use_running_average=False, epsilon=_EPS, dtype=z.dtype)
   variables = {
       'params': {'scale': scale, 'bias': bias},
@@ -38,7 +41,9 @@ def _reference(z, scale, bias, window):
           'var': jnp.ones_like(scale),
       },
   }
-  y, updates = bn.apply(variables, nn.relu(z), mutable=['batch_stats'])
+  y, updates = bn.apply(
+      variables, z if rectified else nn.relu(z), mutable=['batch_stats']
+  )
   if window is not None:
     y = nn.max_pool(y, window, strides=window)
   # momentum 0.99: new = 0.99 * old + 0.01 * batch, so recover the batch's.
@@ -48,8 +53,8 @@ def _reference(z, scale, bias, window):
   return y, mean, var
 
 
-def _fused(z, scale, bias, window):
-  return relu_batch_norm.relu_batch_norm(z, scale, bias, _EPS, window)
+def _fused(z, scale, bias, window, rectified=False):
+  return relu_batch_norm.relu_batch_norm(z, scale, bias, _EPS, window, rectified)
 
 
 def _value_and_pullback(fn, z, scale, bias, window, cotangents):
@@ -80,6 +85,32 @@ class ReluBatchNormTest(chex.TestCase):
         lambda a, b, c, d: _value_and_pullback(_fused, a, b, c, window, d)
     )(z, scale, bias, cotangents)
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(
+      ('pooled', (4, 12, 12, 8), (2, 2)),
+      ('not_pooled', (4, 10, 10, 5), None),
+  )
+  def test_rectified_input_is_batch_norm_alone(self, shape, window):
+    # relu(z) on a coarse grid: many exact zeros, where BatchNorm alone has
+    # a gradient and BatchNorm(relu(.)) none.
+    z, scale, bias = _inputs(shape)
+    r = nn.relu(z)
+    reference = lambda *a: _reference(*a, rectified=True)
+    fused = lambda *a: _fused(*a, rectified=True)
+    want_out = reference(r, scale, bias, window)
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    cotangents = tuple(
+        jax.random.normal(k, o.shape) for k, o in zip(keys, want_out)
+    )
+    want = _value_and_pullback(reference, r, scale, bias, window, cotangents)
+    got = self.variant(
+        lambda a, b, c, d: _value_and_pullback(fused, a, b, c, window, d)
+    )(r, scale, bias, cotangents)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+    # Not the unrectified op's: that one's gradient is 0 where r is.
+    masked = _value_and_pullback(_fused, r, scale, bias, window, cotangents)[1][0]
+    self.assertGreater(float(jnp.max(jnp.abs(got[1][0] - masked))), 1e-3)
 
   def test_window_too_large_for_int8_index_raises(self):
     z, scale, bias = _inputs((1, 16, 16, 1))
