@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
@@ -73,18 +75,7 @@ class ReluBatchNormTest(chex.TestCase):
       ('dense', (16, 12), None),
   )
   def test_values_and_gradients_equal_flax(self, shape, window):
-    z, scale, bias = _inputs(shape)
-    want_out = _reference(z, scale, bias, window)
-    keys = jax.random.split(jax.random.PRNGKey(1), 3)
-    # Cotangents for the output and for the batch statistics as well.
-    cotangents = tuple(
-        jax.random.normal(k, o.shape) for k, o in zip(keys, want_out)
-    )
-    want = _value_and_pullback(_reference, z, scale, bias, window, cotangents)
-    got = self.variant(
-        lambda a, b, c, d: _value_and_pullback(_fused, a, b, c, window, d)
-    )(z, scale, bias, cotangents)
-    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+    self._assert_equals_flax(*_inputs(shape), window)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
@@ -96,21 +87,26 @@ class ReluBatchNormTest(chex.TestCase):
     # a gradient and BatchNorm(relu(.)) none.
     z, scale, bias = _inputs(shape)
     r = nn.relu(z)
-    reference = lambda *a: _reference(*a, rectified=True)
-    fused = lambda *a: _fused(*a, rectified=True)
-    want_out = reference(r, scale, bias, window)
+    got, cotangents = self._assert_equals_flax(r, scale, bias, window, rectified=True)
+    masked = _value_and_pullback(_fused, r, scale, bias, window, cotangents)[1][0]
+    self.assertGreater(float(jnp.max(jnp.abs(got[1][0] - masked))), 1e-3)
+
+  def _assert_equals_flax(self, z, scale, bias, window, rectified=False):
+    """The op's values and pullback equal flax's; returns them and the cotangents."""
+    reference = functools.partial(_reference, rectified=rectified)
+    fused = functools.partial(_fused, rectified=rectified)
+    want_out = reference(z, scale, bias, window)
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    # Cotangents for the output and for the batch statistics as well.
     cotangents = tuple(
         jax.random.normal(k, o.shape) for k, o in zip(keys, want_out)
     )
-    want = _value_and_pullback(reference, r, scale, bias, window, cotangents)
+    want = _value_and_pullback(reference, z, scale, bias, window, cotangents)
     got = self.variant(
         lambda a, b, c, d: _value_and_pullback(fused, a, b, c, window, d)
-    )(r, scale, bias, cotangents)
+    )(z, scale, bias, cotangents)
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
-    # Not the unrectified op's: that one's gradient is 0 where r is.
-    masked = _value_and_pullback(_fused, r, scale, bias, window, cotangents)[1][0]
-    self.assertGreater(float(jnp.max(jnp.abs(got[1][0] - masked))), 1e-3)
+    return got, cotangents
 
   def test_window_too_large_for_int8_index_raises(self):
     z, scale, bias = _inputs((1, 16, 16, 1))
