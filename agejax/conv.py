@@ -651,8 +651,8 @@ def _kernel_grad(
   the chunk adds the remaining images' product at the end. A float32 input
   is transposed to channel-major once, for all chunks. Large float32 layers
   with 3-wide kernels take Winograd F(2, 3) along the width
-  (`_width_winograd_kernel_grad`): on the study's 46x46x32 layer, 30 ms at
-  batch 64 against 35 for im2col (docs/PERFORMANCE.md, session 15). The
+  (`_width_winograd_kernel_grad`): on the study's 46x46x32 layer, 29 ms at
+  batch 64 against 36 for im2col (docs/PERFORMANCE.md, session 15). The
   alternatives measured before, Eigen's 3-D filter-gradient convolution and
   one im2col product of the whole batch, took twice as long (session 10).
   """
