@@ -499,7 +499,7 @@ def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   """
   if _winograd_forward(x.shape, w):
     return winograd_conv_valid(x, w, precision)
-  if x.dtype == w.dtype and onednn.enabled_for(x.dtype):
+  if _onednn_forward(x, w):
     return onednn.conv(x, w)
   if not _eigen_forward(x.shape, w.shape):
     return lax.conv_general_dilated(
@@ -516,6 +516,15 @@ def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
       precision=precision,
   )
   return y[:, :out_h]
+
+
+def _onednn_forward(x: jax.Array, w: jax.Array) -> bool:
+  """Whether `_forward` convolves on oneDNN: no Winograd, oneDNN's dtype."""
+  return (
+      not _winograd_forward(x.shape, w)
+      and x.dtype == w.dtype
+      and onednn.enabled_for(x.dtype)
+  )
 
 
 def _input_grad(w: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
@@ -969,11 +978,7 @@ def conv_bias_relu(
 def _conv_bias_relu(
     x: jax.Array, w: jax.Array, b: jax.Array, precision: Any
 ) -> jax.Array:
-  if (
-      not _winograd_forward(x.shape, w)
-      and x.dtype == w.dtype == b.dtype
-      and onednn.enabled_for(x.dtype)
-  ):
+  if b.dtype == x.dtype and _onednn_forward(x, w):
     return onednn.conv(x, w, bias=b, relu=True)
   return nn.relu(_forward(x, w, precision) + b)
 

@@ -98,7 +98,7 @@ class CNN(nn.Module):
         if fuse_norm:
           # The ReLU in the convolution's pass (its output is rectified).
           x = _ConvBiasRelu(features, dtype=self.dtype, name=name)(x)
-          relu = lambda r: r
+          relu = None
         else:
           relu = conv_lib.relu_for(impl, x.shape[-1])
           x = nn.Conv(
@@ -111,7 +111,7 @@ class CNN(nn.Module):
           )(x)
         pool = max_pool if c == len(filters) else None
         x = self._relu_batch_norm(
-            x, f'block{b}/bn{c}', train, fuse_norm, relu, pool, rectified=fuse_norm
+            x, f'block{b}/bn{c}', train, fuse_norm, relu, pool
         )
       x = dropout(self.conv_dropout, deterministic=not train)(x)
     x = x.reshape((x.shape[0], -1))
@@ -128,13 +128,12 @@ class CNN(nn.Module):
       name: str,
       train: bool,
       fuse: bool,
-      relu: Callable[[jax.Array], jax.Array],
+      relu: Optional[Callable[[jax.Array], jax.Array]],
       pool: Optional[conv_lib.PoolFn] = None,
-      rectified: bool = False,
   ) -> jax.Array:
     """``relu``, then BatchNorm ``name``, then ``pool`` if given.
 
-    ``rectified``: ``x`` is ReLU's output already and ``relu`` the identity.
+    ``relu`` is None where ``x`` is ReLU's output already.
     """
     frozen = name in self.frozen_bn
     if fuse and not frozen:
@@ -143,7 +142,7 @@ class CNN(nn.Module):
           momentum=self.bn_momentum,
           epsilon=_BN_EPSILON,
           pool_window=window,
-          rectified=rectified,
+          rectified=relu is None,
           name=name,
       )(x)
     x = nn.BatchNorm(
@@ -153,7 +152,7 @@ class CNN(nn.Module):
         dtype=self.dtype,
         param_dtype=jnp.float32,
         name=name,
-    )(relu(x))
+    )(x if relu is None else relu(x))
     return x if pool is None else pool(x)
 
 
