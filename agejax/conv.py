@@ -35,9 +35,9 @@ rounding) with a custom VJP:
   ``kh * kw`` shifted slices of the input concatenated along channels. Layers
   with at least 8 input channels and 3,000 output positions (batch x height
   x width) sum it over 4 images at a time in a ``lax.scan``, so that each
-  chunk's patches stay in cache; in float32 those with 3-wide kernels
-  (the study's 46x46x32 layer) by Winograd F(2, 3) along the width and
-  im2col along the height, 2/3 of the FLOPs and of the patches' memory.
+  chunk's patches stay in cache; in float32 those with 3-tall kernels
+  (the study's 46x46x32 layer) by Winograd F(4, 3) along the height and
+  im2col along the width, half the FLOPs and half the patches' memory.
 
 Every matmul of these paths (im2col and Winograd products) is oneDNN's
 where `agejax.onednn` is enabled for its dtype, XLA's dot otherwise.
@@ -556,9 +556,9 @@ def _input_grad(w: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
 # gradient took 82 ms that way at batch 64, against 42 (docs/PERFORMANCE.md,
 # session 13).
 _CHANNEL_MAJOR_PATCH_DTYPES = (jnp.float32,)
-# Chunked float32 kernel gradients of 3-wide kernels by Winograd F(2, 3)
-# along the width (`_width_winograd_kernel_grad`; channel-major too).
-_WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES = (jnp.float32,)
+# Chunked float32 kernel gradients of 3-tall kernels by Winograd F(4, 3)
+# along the height (`_height_winograd_kernel_grad`; channel-major too).
+_WINOGRAD_KERNEL_GRAD_DTYPES = (jnp.float32,)
 
 
 def _im2col_kernel_grad(
@@ -609,39 +609,41 @@ def _channel_major_kernel_grad(
   )
 
 
-def _width_winograd_kernel_grad(
+def _height_winograd_kernel_grad(
     xt: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
 ) -> jax.Array:
-  """`_channel_major_kernel_grad` of a 3-wide kernel, Winograd F(2, 3) across.
+  """`_channel_major_kernel_grad` of a 3-tall kernel, Winograd F(4, 3) down.
 
-  Along the width, the input's 4-column tiles at stride 2 are transformed
-  (``B^T d``), and the cotangent's column pairs (``A g``); along the height
-  the tiles are shifted by the kernel's rows, as im2col does. The 4 products
-  [kh * C_in, positions / 2] @ [positions / 2, C_out] take 2/3 of the im2col
-  product's FLOPs, their patches 2/3 of its memory; ``G^T`` of the products
-  gives the kernel's 3 columns. The width is zero-padded to whole tiles.
+  Along the height, the input's 6-row tiles at stride 4 are transformed
+  (``B^T d``), and the cotangent's groups of 4 rows (``A g``); along the
+  width the tiles are shifted by the kernel's columns, as im2col does, so
+  that each patch row is a run of whole output rows. The 6 products
+  [kw * C_in, positions / 4] @ [positions / 4, C_out] take half the im2col
+  product's FLOPs, their patches half its memory; ``G^T`` of the products
+  gives the kernel's 3 rows. The height is zero-padded to whole tiles.
+  Against float64, it errs by ~3e-6 of the largest value on the study's
+  46x46x32 layer, where ``lax``'s own kernel gradient errs by ~1.3e-5.
   """
   cin, n, h, w = xt.shape
   _, ho, wo, cout = g.shape
-  tw = -(-wo // 2)
-  xt = jnp.pad(xt, ((0, 0), (0, 0), (0, 0), (0, 2 * tw + 2 - w)))
-  g = jnp.pad(g, ((0, 0), (0, 0), (0, 2 * tw - wo), (0, 0)))
-  left = xt[..., : 2 * tw].reshape(cin, n, h, tw, 2)
-  right = xt[..., 2:].reshape(cin, n, h, tw, 2)
-  tiles = _winograd_1d(left[..., 0], left[..., 1], right[..., 0], right[..., 1])
+  th = -(-ho // 4)
+  xt = jnp.pad(xt, ((0, 0), (0, 0), (0, 4 * th + 2 - h), (0, 0)))
+  g = jnp.pad(g, ((0, 0), (0, 4 * th - ho), (0, 0), (0, 0)))
+  taps = [xt[:, :, k : k + 4 * th - 3 : 4] for k in range(6)]
+  tiles = _winograd43_1d(*taps)
   patches = jnp.stack(
-      [jnp.stack([t[:, :, i : i + ho] for i in range(kh)]) for t in tiles]
+      [jnp.stack([t[..., j : j + wo] for j in range(kw)]) for t in tiles]
   )
-  pairs = g.reshape(n, ho, tw, 2, cout)
-  u = jnp.stack(_winograd_output_1d_t(pairs[..., 0, :], pairs[..., 1, :]))
+  rows = g.reshape(n, th, 4, wo, cout)
+  u = jnp.stack(_winograd43_output_1d_t(*(rows[:, :, r] for r in range(4))))
   m = _dot_general(
-      patches.reshape(4, kh * cin, n * ho * tw),
-      u.reshape(4, n * ho * tw, cout),
+      patches.reshape(6, kw * cin, n * th * wo),
+      u.reshape(6, n * th * wo, cout),
       (((2,), (1,)), ((0,), (0,))),
       precision=precision,
       preferred_element_type=jnp.float32,
-  ).reshape(4, kh, cin, cout)
-  dw = jnp.stack(_winograd_kernel_1d_t(m[0], m[1], m[2], m[3]), axis=1)
+  ).reshape(6, kw, cin, cout)
+  dw = jnp.stack(_winograd43_kernel_1d_t(*(m[t] for t in range(6))))
   return dw.reshape(kh * kw * cin, cout)
 
 
@@ -659,17 +661,18 @@ def _kernel_grad(
   `_KERNEL_GRAD_CHUNK` images at a time; a batch that is not a multiple of
   the chunk adds the remaining images' product at the end. A float32 input
   is transposed to channel-major once, for all chunks. Large float32 layers
-  with 3-wide kernels take Winograd F(2, 3) along the width
-  (`_width_winograd_kernel_grad`): on the study's 46x46x32 layer, 29 ms at
-  batch 64 against 36 for im2col (docs/PERFORMANCE.md, session 15). The
-  alternatives measured before, Eigen's 3-D filter-gradient convolution and
-  one im2col product of the whole batch, took twice as long (session 10).
+  with 3-tall kernels take Winograd F(4, 3) along the height
+  (`_height_winograd_kernel_grad`): on the study's 46x46x32 layer, 19-21 ms
+  at batch 64 against 27-28 for Winograd F(2, 3) along the width and 34-36
+  for im2col (docs/PERFORMANCE.md, session 16). The alternatives measured
+  before, Eigen's 3-D filter-gradient convolution and one im2col product of
+  the whole batch, took twice as long as im2col (session 10).
   """
   cin, cout = x.shape[3], g.shape[3]
   dtype = jnp.result_type(x, g)
   chunked = _chunked_kernel_grad(x.shape, g.shape)
-  if chunked and kw == 3 and dtype in _WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES:
-    product, to_layout = _width_winograd_kernel_grad, _channels_first
+  if chunked and kh == 3 and dtype in _WINOGRAD_KERNEL_GRAD_DTYPES:
+    product, to_layout = _height_winograd_kernel_grad, _channels_first
   elif dtype in _CHANNEL_MAJOR_PATCH_DTYPES:
     product, to_layout = _channel_major_kernel_grad, _channels_first
   else:
@@ -765,6 +768,41 @@ def _winograd_kernel_1d_t(d0, d1, d2, d3):
 def _winograd_output_1d_t(g0, g1):
   """The transpose of ``A^T`` along one axis: two outputs -> four values."""
   return g0, g0 + g1, g0 - g1, -g1
+
+
+# Winograd F(4, 3) along one axis (interpolation points 0, 1, -1, 2, -2 and
+# infinity), for `_height_winograd_kernel_grad`: 6 products per 4 outputs.
+def _winograd43_1d(d0, d1, d2, d3, d4, d5):
+  """``B^T`` of F(4, 3): six input taps -> six values."""
+  return (
+      4 * d0 - 5 * d2 + d4,
+      d3 + d4 - 4 * (d1 + d2),
+      4 * (d1 - d2) - d3 + d4,
+      2 * (d3 - d1) - d2 + d4,
+      2 * (d1 - d3) - d2 + d4,
+      4 * d1 - 5 * d3 + d5,
+  )
+
+
+def _winograd43_output_1d_t(g0, g1, g2, g3):
+  """The transpose of F(4, 3)'s ``A^T``: four outputs -> six values."""
+  return (
+      g0,
+      g0 + g1 + g2 + g3,
+      g0 - g1 + g2 - g3,
+      g0 + 2 * g1 + 4 * g2 + 8 * g3,
+      g0 - 2 * g1 + 4 * g2 - 8 * g3,
+      g3,
+  )
+
+
+def _winograd43_kernel_1d_t(d0, d1, d2, d3, d4, d5):
+  """The transpose of F(4, 3)'s ``G``: six values -> three kernel taps."""
+  return (
+      d0 / 4 - (d1 + d2) / 6 + (d3 + d4) / 24,
+      (d2 - d1) / 6 + (d3 - d4) / 12,
+      (d3 + d4 - d1 - d2) / 6 + d5,
+  )
 
 
 def _winograd_pad(x: jax.Array) -> tuple[jax.Array, int, int]:

@@ -19,10 +19,11 @@ choices and for the training-speed ceiling, so they live here, runnable:
       images on large layers).
   python -m benchmarks.cpu_paths --what=kernel_grads --batch_size=64
       The 46x46x32 layer's kernel gradient, the largest data movement left
-      in the float32 training step: as shipped (Winograd F(2, 3) along the
-      width) and by the formulations measured against it (im2col with
-      three patch layouts, Winograd F(2x2, 3x3), oneDNN convolutions), with
-      each one's error against ``lax``'s.
+      in the float32 training step: as shipped (Winograd F(4, 3) along the
+      height) and by the formulations measured against it (Winograd F(2, 3)
+      along the width, as shipped until session 16; im2col with three patch
+      layouts; Winograd F(2x2, 3x3); oneDNN convolutions), with each one's
+      error against ``lax``'s.
   python -m benchmarks.cpu_paths --what=dropout --batch_size=64
       The study network's dropout inputs, flax's layer against `agejax.dropout`'s
       (the same masks; the hash written out instead of JAX's rolled loop).
@@ -46,8 +47,9 @@ choices and for the training-speed ceiling, so they live here, runnable:
       threefry), with agejax's masks hashed again by every loop that reads
       them, with flax's ReLU and BatchNorm layers, with the float32 im2col
       kernel gradient's patches concatenated from the NHWC input, with the
-      46x46x32 layer's kernel gradient by im2col instead of Winograd along
-      the width, with each convolution's bias and ReLU as ops of their own
+      46x46x32 layer's kernel gradient by im2col or by Winograd F(2, 3)
+      along the width instead of F(4, 3) along the height, with each
+      convolution's bias and ReLU as ops of their own
       instead of in its pass, with XLA:CPU's own convolutions and dots instead of oneDNN's
       (`agejax.onednn`). Also ideas
       measured and not adopted: that layer's Winograd backward in a
@@ -329,8 +331,55 @@ def _kg_shipped(x: jax.Array, g: jax.Array) -> jax.Array:
   return conv._kernel_grad(x, g, 3, 3, None)
 
 
+def _kg_lax(x: jax.Array, g: jax.Array) -> jax.Array:
+  _, pullback = jax.vjp(lambda w: lax_conv(x, w), jnp.zeros((3, 3, x.shape[3], g.shape[3]), x.dtype))
+  return pullback(g)[0]
+
+
+def _width_winograd_kernel_grad(
+    xt: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
+) -> jax.Array:
+  """F(2, 3) along the width, im2col along the height (shipped until session 16).
+
+  Channel-major input [C_in, B, H, W], 3-wide kernels: the input's 4-column
+  tiles at stride 2 and the cotangent's column pairs transformed, 4
+  products [kh * C_in, positions / 2] @ [positions / 2, C_out] (2/3 of
+  im2col's FLOPs), ``G^T`` of them for the kernel's 3 columns.
+  """
+  cin, n, h, w = xt.shape
+  _, ho, wo, cout = g.shape
+  tw = -(-wo // 2)
+  xt = jnp.pad(xt, ((0, 0), (0, 0), (0, 0), (0, 2 * tw + 2 - w)))
+  g = jnp.pad(g, ((0, 0), (0, 0), (0, 2 * tw - wo), (0, 0)))
+  left = xt[..., : 2 * tw].reshape(cin, n, h, tw, 2)
+  right = xt[..., 2:].reshape(cin, n, h, tw, 2)
+  tiles = conv._winograd_1d(left[..., 0], left[..., 1], right[..., 0], right[..., 1])
+  patches = jnp.stack([jnp.stack([t[:, :, i : i + ho] for i in range(kh)]) for t in tiles])
+  pairs = g.reshape(n, ho, tw, 2, cout)
+  u = jnp.stack(conv._winograd_output_1d_t(pairs[..., 0, :], pairs[..., 1, :]))
+  m = onednn.dot_general(
+      patches.reshape(4, kh * cin, n * ho * tw),
+      u.reshape(4, n * ho * tw, cout),
+      (((2,), (1,)), ((0,), (0,))),
+      precision=precision,
+      preferred_element_type=jnp.float32,
+  ).reshape(4, kh, cin, cout)
+  dw = jnp.stack(conv._winograd_kernel_1d_t(m[0], m[1], m[2], m[3]), axis=1)
+  return dw.reshape(kh * kw * cin, cout)
+
+
+# Patched in as `conv._height_winograd_kernel_grad`: the same channel-major
+# arguments, used for the same (3x3) layers.
+_WIDTH_WINOGRAD = {'_height_winograd_kernel_grad': _width_winograd_kernel_grad}
+
+
+def _kg_width_winograd(x: jax.Array, g: jax.Array) -> jax.Array:
+  with mock.patch.multiple(conv, **_WIDTH_WINOGRAD):
+    return conv._kernel_grad(x, g, 3, 3, None)
+
+
 def _kg_im2col(x: jax.Array, g: jax.Array) -> jax.Array:
-  with mock.patch.object(conv, '_WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES', ()):
+  with mock.patch.object(conv, '_WINOGRAD_KERNEL_GRAD_DTYPES', ()):
     return conv._kernel_grad(x, g, 3, 3, None)
 
 
@@ -430,11 +479,18 @@ def _kernel_grads(batch_size: int, repeats: int) -> None:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch_size, 46, 46, 32)), jnp.float32)
   g = jnp.asarray(rng.standard_normal((batch_size, 44, 44, 64)), jnp.float32)
-  w = jnp.zeros((3, 3, 32, 64), jnp.float32)
-  _, pullback = jax.vjp(lambda w: lax_conv(x, w), w)
-  (reference,) = jax.jit(pullback)(g)
+  xd, gd = np.asarray(x, np.float64), np.asarray(g, np.float64)
+  exact = np.stack([
+      np.stack([
+          np.tensordot(xd[:, i : i + 44, j : j + 44], gd, axes=([0, 1, 2], [0, 1, 2]))
+          for j in range(3)
+      ])
+      for i in range(3)
+  ])
   formulations = {
-      'shipped: Winograd F(2, 3) along the width (`conv._kernel_grad`)': _kg_shipped,
+      'shipped: Winograd F(4, 3) along the height (`conv._kernel_grad`)': _kg_shipped,
+      "lax.conv_general_dilated's gradient": _kg_lax,
+      'Winograd F(2, 3) along the width (shipped until session 16)': _kg_width_winograd,
       'im2col, channel-major patches (shipped until session 15)': _kg_im2col,
       'im2col, NHWC patches read transposed': _kg_nhwc_patches,
       'im2col, channel-major patches of whole-width rows': _kg_whole_rows,
@@ -448,12 +504,13 @@ def _kernel_grads(batch_size: int, repeats: int) -> None:
     }
   print(
       f'46x46x32 -> 64 kernel gradient, batch {batch_size}, ms (min of {repeats});'
-      " error = max |diff| / max |lax's|"
+      ' error = max |diff| / max |exact| against float64'
   )
   print('| formulation | ms | error |\n|---|---|---|')
   for name, fn in formulations.items():
     compiled = jax.jit(fn)
-    err = float(jnp.max(jnp.abs(compiled(x, g) - reference)) / jnp.max(jnp.abs(reference)))
+    got = np.asarray(compiled(x, g), np.float64)
+    err = np.max(np.abs(got - exact)) / np.max(np.abs(exact))
     ms = min(_time(compiled, x, g, repeats=repeats)) * 1e3
     print(f'| {name} | {ms:.1f} | {err:.1e} |', flush=True)
 
@@ -600,7 +657,7 @@ _TRAIN_VARIANTS = {
         None,
     ),
     'kernel gradient patches from NHWC': (
-        {conv: {'_CHANNEL_MAJOR_PATCH_DTYPES': (), '_WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES': ()}},
+        {conv: {'_CHANNEL_MAJOR_PATCH_DTYPES': (), '_WINOGRAD_KERNEL_GRAD_DTYPES': ()}},
         None,
     ),
     # Each convolution's bias and ReLU after it, not in its pass (as shipped
@@ -611,7 +668,9 @@ _TRAIN_VARIANTS = {
     ),
     # The chunked im2col kernel gradient also for 3-wide kernels (as shipped
     # until session 15).
-    'kernel gradient by im2col': ({conv: {'_WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES': ()}}, None),
+    'kernel gradient by im2col': ({conv: {'_WINOGRAD_KERNEL_GRAD_DTYPES': ()}}, None),
+    # The 46x46x32 layer's kernel gradient as shipped until session 16.
+    'kernel gradient by Winograd along the width': ({conv: _WIDTH_WINOGRAD}, None),
     # Not choices undone: measured and not adopted (session 15).
     '46x46x32 kernel gradient by Winograd': (
         {conv: {'_kernel_grad': _kernel_grad_winograd_from_32}},

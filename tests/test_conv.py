@@ -38,9 +38,10 @@ _SHAPES = (
     (2, 12, 10, 9, 5, (5, 4)),
     (40, 12, 11, 8, 4, (2, 3)),
     (5, 30, 26, 8, 3, (4, 1)),
-    # 3x3 with an odd width: under _CHUNKS_OF_2 the kernel gradient by
-    # Winograd along the width, two chunks and one image left over.
-    (5, 10, 9, 3, 4, (3, 3)),
+    # 3x3 with 9 output rows, not a multiple of Winograd's 4: under
+    # _CHUNKS_OF_2 the kernel gradient by Winograd along the height, two
+    # chunks and one image left over.
+    (5, 11, 9, 3, 4, (3, 3)),
 )
 
 # The thresholds that pick each formulation; patching them forces one path.
@@ -70,13 +71,13 @@ _ALL_WINOGRAD = dict(
     _WINOGRAD_BACKWARD_MIN_IN_CHANNELS=1,
 )
 # Chunks of 2 with float32 patches concatenated from the NHWC input, the
-# layout bfloat16 takes (float32 ones are built channel-major, for 3-wide
-# kernels by Winograd along the width).
+# layout bfloat16 takes (float32 ones are built channel-major, for 3-tall
+# kernels by Winograd along the height).
 _NHWC_PATCHES = dict(
-    _CHUNKS_OF_2, _CHANNEL_MAJOR_PATCH_DTYPES=(), _WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES=()
+    _CHUNKS_OF_2, _CHANNEL_MAJOR_PATCH_DTYPES=(), _WINOGRAD_KERNEL_GRAD_DTYPES=()
 )
-# Chunks of 2 with channel-major im2col patches for 3-wide kernels too.
-_IM2COL_CHUNKS = dict(_CHUNKS_OF_2, _WIDTH_WINOGRAD_KERNEL_GRAD_DTYPES=())
+# Chunks of 2 with channel-major im2col patches for 3-tall kernels too.
+_IM2COL_CHUNKS = dict(_CHUNKS_OF_2, _WINOGRAD_KERNEL_GRAD_DTYPES=())
 
 
 def _inputs(b, h, w, cin, cout, kernel, seed=0):
@@ -254,14 +255,15 @@ class MatmulConvTest(chex.TestCase):
     self.assertEqual(conv._chunked_kernel_grad(x_shape, out), chunked_kernel_grad)
 
   @parameterized.parameters(
-      # (input shape, kernel shape, dtype, Winograd along the width)
+      # (input shape, kernel shape, dtype, Winograd along the height)
       ((8, 46, 46, 32), (3, 3, 32, 64), jnp.float32, True),
       ((7, 46, 46, 32), (3, 3, 32, 64), jnp.float32, False),  # < 2 chunks
       ((8, 46, 46, 32), (3, 3, 32, 64), jnp.bfloat16, False),
-      ((8, 46, 46, 32), (3, 2, 32, 64), jnp.float32, False),
+      ((8, 46, 46, 32), (3, 2, 32, 64), jnp.float32, True),
+      ((8, 46, 46, 32), (2, 3, 32, 64), jnp.float32, False),
       ((8, 48, 48, 1), (3, 3, 1, 32), jnp.float32, False),
   )
-  def test_kernel_gradient_by_winograd_along_the_width_where_measured(
+  def test_kernel_gradient_by_winograd_along_the_height_where_measured(
       self, x_shape, w_shape, dtype, want
   ):
     def loss(x, w):
@@ -270,8 +272,8 @@ class MatmulConvTest(chex.TestCase):
       )
       return jnp.sum(y.astype(jnp.float32))
 
-    spy = mock.Mock(wraps=conv._width_winograd_kernel_grad)
-    with mock.patch.object(conv, '_width_winograd_kernel_grad', spy):
+    spy = mock.Mock(wraps=conv._height_winograd_kernel_grad)
+    with mock.patch.object(conv, '_height_winograd_kernel_grad', spy):
       jax.make_jaxpr(jax.grad(loss, argnums=1))(
           jnp.zeros(x_shape, dtype), jnp.zeros(w_shape, dtype)
       )
