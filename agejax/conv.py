@@ -636,15 +636,28 @@ def _height_winograd_kernel_grad(
   )
   rows = g.reshape(n, th, 4, wo, cout)
   u = jnp.stack(_winograd43_output_1d_t(*(rows[:, :, r] for r in range(4))))
-  m = _dot_general(
+  m = _tile_products(
       patches.reshape(6, kw * cin, n * th * wo),
       u.reshape(6, n * th * wo, cout),
-      (((2,), (1,)), ((0,), (0,))),
-      precision=precision,
-      preferred_element_type=jnp.float32,
+      precision,
   ).reshape(6, kw, cin, cout)
   dw = jnp.stack(_winograd43_kernel_1d_t(*(m[t] for t in range(6))))
   return dw.reshape(kh * kw * cin, cout)
+
+
+def _tile_products(a: jax.Array, b: jax.Array, precision: Any = None) -> jax.Array:
+  """``a[t] @ b[t]`` for every t, accumulated in float32: [T, M, N].
+
+  The batched product of the Winograd paths (one matmul per transformed
+  tile position), on oneDNN where `agejax.onednn` is enabled for the dtype.
+  """
+  return _dot_general(
+      a,
+      b,
+      (((2,), (1,)), ((0,), (0,))),
+      precision=precision,
+      preferred_element_type=jnp.float32,
+  )
 
 
 def _channels_first(x: jax.Array) -> jax.Array:
@@ -877,12 +890,10 @@ def winograd_conv_valid(
   co = w.shape[3]
   dtype = x.dtype
   x, th, tw = _winograd_pad(x.astype(jnp.float32))
-  m = _dot_general(
+  m = _tile_products(
       _winograd_input_transform(x).astype(dtype),
       _winograd_kernel_transform(w.astype(jnp.float32)).astype(dtype),
-      (((2,), (1,)), ((0,), (0,))),
-      precision=precision,
-      preferred_element_type=jnp.float32,
+      precision,
   ).reshape(4, 4, n, th, tw, co)
   out_rows = (m[0] + m[1] + m[2], m[1] - m[2] - m[3])
   y = jnp.stack(

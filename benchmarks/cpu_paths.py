@@ -357,12 +357,8 @@ def _width_winograd_kernel_grad(
   patches = jnp.stack([jnp.stack([t[:, :, i : i + ho] for i in range(kh)]) for t in tiles])
   pairs = g.reshape(n, ho, tw, 2, cout)
   u = jnp.stack(conv._winograd_output_1d_t(pairs[..., 0, :], pairs[..., 1, :]))
-  m = onednn.dot_general(
-      patches.reshape(4, kh * cin, n * ho * tw),
-      u.reshape(4, n * ho * tw, cout),
-      (((2,), (1,)), ((0,), (0,))),
-      precision=precision,
-      preferred_element_type=jnp.float32,
+  m = conv._tile_products(
+      patches.reshape(4, kh * cin, n * ho * tw), u.reshape(4, n * ho * tw, cout), precision
   ).reshape(4, kh, cin, cout)
   dw = jnp.stack(conv._winograd_kernel_1d_t(m[0], m[1], m[2], m[3]), axis=1)
   return dw.reshape(kh * kw * cin, cout)
