@@ -22,8 +22,8 @@ choices and for the training-speed ceiling, so they live here, runnable:
       in the float32 training step: as shipped (Winograd F(4, 3) along the
       height) and by the formulations measured against it (Winograd F(2, 3)
       along the width, as shipped until session 16; im2col with three patch
-      layouts; Winograd F(2x2, 3x3); oneDNN convolutions), with each one's
-      error against ``lax``'s.
+      layouts; Winograd F(2x2, 3x3); oneDNN convolutions) and by ``lax``,
+      with each one's error against a float64 reference.
   python -m benchmarks.cpu_paths --what=dropout --batch_size=64
       The study network's dropout inputs, flax's layer against `agejax.dropout`'s
       (the same masks; the hash written out instead of JAX's rolled loop).
@@ -332,7 +332,8 @@ def _kg_shipped(x: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _kg_lax(x: jax.Array, g: jax.Array) -> jax.Array:
-  _, pullback = jax.vjp(lambda w: lax_conv(x, w), jnp.zeros((3, 3, x.shape[3], g.shape[3]), x.dtype))
+  w = jnp.zeros((3, 3, x.shape[3], g.shape[3]), x.dtype)  # only its shape matters
+  _, pullback = jax.vjp(lambda w: lax_conv(x, w), w)
   return pullback(g)[0]
 
 
@@ -662,7 +663,7 @@ _TRAIN_VARIANTS = {
         {conv: {'conv_bias_relu': _conv_then_bias_relu}},
         None,
     ),
-    # The chunked im2col kernel gradient also for 3-wide kernels (as shipped
+    # The chunked im2col kernel gradient also for 3x3 kernels (as shipped
     # until session 15).
     'kernel gradient by im2col': ({conv: {'_WINOGRAD_KERNEL_GRAD_DTYPES': ()}}, None),
     # The 46x46x32 layer's kernel gradient as shipped until session 16.
