@@ -676,7 +676,7 @@ def _kernel_grad(
   is transposed to channel-major once, for all chunks. Large float32 layers
   with 3-tall kernels take Winograd F(4, 3) along the height
   (`_height_winograd_kernel_grad`): on the study's 46x46x32 layer, 19-21 ms
-  at batch 64 against 27-28 for Winograd F(2, 3) along the width and 34-36
+  at batch 64 against 27-28 for Winograd F(2, 3) along the width and 33-36
   for im2col (docs/PERFORMANCE.md, session 16). The alternatives measured
   before, Eigen's 3-D filter-gradient convolution and one im2col product of
   the whole batch, took twice as long as im2col (session 10).
