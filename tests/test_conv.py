@@ -357,6 +357,41 @@ class MatmulConvTest(chex.TestCase):
         self.assertLess(error(a, ref), 2 * error(baseline, ref))
         self.assertLess(error(a, ref), 1e-2 * float(jnp.max(jnp.abs(ref))))
 
+  @parameterized.named_parameters(
+      # (input taps B^T, cotangent A, kernel gradient G^T, outputs per tile)
+      ('F23', conv._winograd_1d, conv._winograd_output_1d_t,
+       conv._winograd_kernel_1d_t, 2),
+      ('F43', conv._winograd43_1d, conv._winograd43_output_1d_t,
+       conv._winograd43_kernel_1d_t, 4),
+  )
+  def test_winograd_1d_kernel_gradient_is_the_correlation(
+      self, input_transform, output_transform_t, kernel_transform_t, m
+  ):
+    # What the Winograd kernel gradients rely on, along one axis: G^T [(A g)
+    # * (B^T d)] over a tile of m + 2 input taps d and m output cotangents g
+    # is their correlation, sum_i g_i d_{i+k} for the 3 kernel taps k.
+    d = np.random.default_rng(0).normal(size=m + 2)
+    g = np.random.default_rng(1).normal(size=m)
+    products = np.array(output_transform_t(*g)) * np.array(input_transform(*d))
+    want = [g @ d[k : k + m] for k in range(3)]
+    np.testing.assert_allclose(
+        kernel_transform_t(*products), want, rtol=1e-12, atol=1e-12
+    )
+
+  @parameterized.named_parameters(
+      ('input', conv._winograd_1d, conv._winograd_1d_t, 4),
+      ('kernel', conv._winograd_kernel_1d, conv._winograd_kernel_1d_t, 3),
+  )
+  def test_winograd_1d_transposes(self, transform, transform_t, size):
+    # The backward pass's transforms are the forward's, transposed.
+    def matrix(fn, n):
+      return np.array([fn(*row) for row in np.eye(n)]).T
+
+    out_size = len(transform(*np.zeros(size)))
+    np.testing.assert_allclose(
+        matrix(transform_t, out_size), matrix(transform, size).T, atol=1e-12
+    )
+
   def test_winograd_conv_valid_needs_3x3(self):
     x, k = _inputs(1, 6, 6, 2, 3, (3, 2))
     with self.assertRaisesRegex(ValueError, '3x3 kernel'):
