@@ -10,8 +10,9 @@ Each framework runs on its default device: the GPU where there is one
 Each framework runs in its own worker process (so thread pools do not
 compete) and the driver asks the workers for one timed repeat in turn, so
 that load from other users of a shared machine hits every framework alike.
-Each row is the median over ``--repeats`` of ``--steps`` steps, after
-``--warmup`` untimed steps. Every worker runs under the same host allocator
+Each row is the median over ``--repeats`` rounds of ``--steps`` steps, after
+``--warmup`` untimed steps; each ratio the median of the rounds' own ratios
+(`format_table`). Every worker runs under the same host allocator
 (``--host_malloc``, see `agejax.host_malloc`), and the driver pauses
 ``--settle_s`` before each timed repeat so that the previous worker's
 spinning threads do not slow the next one.
@@ -317,11 +318,13 @@ def measure(
     warmup: int,
     scan_batches: int = 4,
     settle_s: float = 0.0,
-) -> dict[tuple[str, Case], float]:
-  """Median images/s per (framework, case), repeats interleaved round-robin.
+) -> dict[tuple[str, Case], list[float]]:
+  """Images/s per (framework, case), one sample per round.
 
-  ``settle_s`` seconds of pause before each timed repeat keep one framework's
-  busy-waiting threads (OpenMP, Eigen) from slowing the next one down.
+  Each case runs ``repeats`` rounds; in a round every framework times one
+  repeat, in turn. ``settle_s`` seconds of pause before each timed repeat
+  keep one framework's busy-waiting threads (OpenMP, Eigen) from slowing the
+  next one down.
   """
   ctx = mp.get_context('spawn')
   workers = {}
@@ -349,29 +352,43 @@ def measure(
         conn.send(None)
         proc.join(timeout=60)
       proc.terminate()
-  return {k: statistics.median(v) for k, v in samples.items()}
+  return samples
 
 
 def format_table(
     frameworks: Sequence[str],
     cases: Sequence[Case],
-    results: dict[tuple[str, Case], float],
+    samples: dict[tuple[str, Case], list[float]],
 ) -> str:
-  """Markdown table of images/s, then each agejax row's ratio to each rival."""
+  """Markdown table of images/s, then each agejax row's ratio to each rival.
+
+  Images/s are each framework's median over the rounds (`measure`). A
+  ratio is the median over the rounds of the two frameworks' ratio within
+  a round, followed by the lowest and highest of those in brackets: a
+  round's repeats run back to back, so a machine that slows down for a
+  while slows both sides of a round's ratio, where it can move one median
+  and not the other.
+  """
   header = [f'{mode} b{bs}' for mode, bs in cases]
   lines = [
       '| framework | ' + ' | '.join(header) + ' |',
       '|---' * (len(cases) + 1) + '|',
   ]
   for fw in frameworks:
-    cells = [f'{results[fw, c]:.0f}' for c in cases]
+    cells = [f'{statistics.median(samples[fw, c]):.0f}' for c in cases]
     lines.append(f'| {fw} | ' + ' | '.join(cells) + ' |')
   rivals = [fw for fw in frameworks if not fw.startswith('agejax')]
   for fw in frameworks:
     if not fw.startswith('agejax'):
       continue
     for rival in rivals:
-      cells = [f'{results[fw, c] / results[rival, c]:.2f}x' for c in cases]
+      cells = []
+      for c in cases:
+        ratios = [a / b for a, b in zip(samples[fw, c], samples[rival, c])]
+        cells.append(
+            f'{statistics.median(ratios):.2f}x'
+            f' ({min(ratios):.2f}-{max(ratios):.2f})'
+        )
       lines.append(f'| {fw} / {rival} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
@@ -386,7 +403,7 @@ def main(argv: Sequence[str]) -> None:
   cases: list[Case] = [('train', int(b)) for b in _BATCH_SIZES.value]
   if _EVAL_BATCH_SIZE.value:
     cases.append(('eval', _EVAL_BATCH_SIZE.value))
-  results = measure(
+  samples = measure(
       frameworks,
       cases,
       _REPEATS.value,
@@ -395,8 +412,11 @@ def main(argv: Sequence[str]) -> None:
       _SCAN_BATCHES.value,
       _SETTLE_S.value,
   )
-  print(f'images/s, median of {_REPEATS.value} x {_STEPS.value} steps')
-  print(format_table(frameworks, cases, results))
+  print(
+      f'images/s, median of {_REPEATS.value} rounds of {_STEPS.value} steps;'
+      ' ratios: median of the rounds (lowest-highest)'
+  )
+  print(format_table(frameworks, cases, samples))
 
 
 if __name__ == '__main__':

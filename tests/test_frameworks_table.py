@@ -1,0 +1,53 @@
+"""Tests for benchmarks.frameworks.format_table: medians and paired ratios."""
+
+from __future__ import annotations
+
+from absl.testing import absltest
+
+from benchmarks import frameworks
+
+
+class FormatTableTest(absltest.TestCase):
+
+  def test_ratio_is_the_median_of_each_rounds_ratio(self):
+    # The machine slows down in rounds 2 and 3 for both frameworks. The
+    # rounds' own ratios are 1.25, 1.25 and 1.5; the medians' ratio, 150 /
+    # 100, would pair round 3's agejax with round 2's or 3's torch.
+    case = ('train', 64)
+    samples = {
+        ('agejax-auto', case): [250.0, 125.0, 150.0],
+        ('torch', case): [200.0, 100.0, 100.0],
+    }
+    table = frameworks.format_table(['agejax-auto', 'torch'], [case], samples)
+    self.assertEqual(
+        table.splitlines(),
+        [
+            '| framework | train b64 |',
+            '|---|---|',
+            '| agejax-auto | 150 |',
+            '| torch | 100 |',
+            '| agejax-auto / torch | 1.25x (1.25-1.50) |',
+        ],
+    )
+
+  def test_only_agejax_rows_get_ratios(self):
+    case = ('eval', 256)
+    samples = {
+        ('torch', case): [1.0],
+        ('keras', case): [2.0],
+        ('agejax-bf16', case): [4.0],
+    }
+    lines = frameworks.format_table(
+        ['torch', 'keras', 'agejax-bf16'], [case], samples
+    ).splitlines()
+    self.assertEqual(
+        lines[-2:],
+        [
+            '| agejax-bf16 / torch | 4.00x (4.00-4.00) |',
+            '| agejax-bf16 / keras | 2.00x (2.00-2.00) |',
+        ],
+    )
+
+
+if __name__ == '__main__':
+  absltest.main()
