@@ -58,14 +58,38 @@ def _stage_parts(
     variables: dict[str, Any],
     earlier_stages: Sequence[config_lib.StageConfig],
 ) -> tuple[nn.Module, optax.GradientTransformation]:
-  frozen_bn = freezing.frozen_batch_norm_layers(
-      variables['params'], variables['batch_stats'], stage.freeze
+  """The stage's model (its frozen BatchNorm layers) and optimizer.
+
+  Both depend on the variables' paths only, and are built once per
+  configuration in a process: the optimizer is part of the train state's
+  tree structure, so a new but equal optimizer would make every jitted step
+  compile again for each run of the same configuration.
+  """
+  return _stage_parts_for(
+      model_config,
+      freezing.resolve(stage.freeze),
+      stage.learning_rate,
+      tuple(freezing.resolve(s.freeze) for s in earlier_stages),
+      jax.tree.structure(variables['params']),
+      jax.tree.structure(variables['batch_stats']),
   )
+
+
+@functools.cache
+def _stage_parts_for(
+    model_config: config_lib.ModelConfig,
+    freeze: tuple[str, ...],
+    learning_rate: float,
+    earlier: tuple[tuple[str, ...], ...],
+    params_def: Any,
+    batch_stats_def: Any,
+) -> tuple[nn.Module, optax.GradientTransformation]:
+  params, batch_stats = (
+      jax.tree.unflatten(d, range(d.num_leaves)) for d in (params_def, batch_stats_def)
+  )
+  frozen_bn = freezing.frozen_batch_norm_layers(params, batch_stats, freeze)
   tx = freezing.make_optimizer(
-      variables['params'],
-      stage.freeze,
-      lambda: optax.adam(stage.learning_rate),
-      earlier=[s.freeze for s in earlier_stages],
+      params, freeze, lambda: optax.adam(learning_rate), earlier=earlier
   )
   return model_config.build(frozen_bn), tx
 

@@ -292,7 +292,10 @@ def train_and_evaluate(
       s, e = plan[g]
       stage = config.stages[s]
       if s != stage_idx:
-        state = steps.start_stage(state, model_config, stage, config.stages[:s])
+        # The new stage's fresh optimizer state is not yet on the mesh.
+        state = parallel.replicate(
+            steps.start_stage(state, model_config, stage, config.stages[:s]), mesh
+        )
         stage_idx = s
       start = time.time()
       epoch_key = jax.random.fold_in(train_key, g)

@@ -1,5 +1,6 @@
 """End-to-end tests of `agejax.train.train_and_evaluate` on synthetic faces."""
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -13,6 +14,7 @@ import numpy as np
 
 from agejax import checkpoints
 from agejax import config
+from agejax import steps
 from agejax import synthetic
 from agejax import train
 
@@ -297,6 +299,28 @@ class TrainAndEvaluateTest(parameterized.TestCase):
         )
       self.assertEqual(lines, [])  # no epoch ran
       self.assertFalse((pathlib.Path(tmp) / 'metrics.jsonl').exists())
+
+
+class CompilationTest(absltest.TestCase):
+
+  def test_each_stage_compiles_its_steps_once_per_process(self):
+    # A model no other test trains, so this process has compiled nothing for it.
+    model = dataclasses.replace(_SMALL, dense_units=(16, 8))
+    programs = (steps.train_step, steps.eval_step, steps.predict_step)
+    with tempfile.TemporaryDirectory() as tmp:
+      sizes = [[f._cache_size() for f in programs]]
+      for run in ('first', 'same_config'):
+        train.train_and_evaluate(
+            _config(model=model), _data(), f'{tmp}/{run}', log=lambda _: None,
+            show_progress=False,
+        )
+        sizes.append([f._cache_size() for f in programs])
+    before, first, again = (np.array(s) for s in sizes)
+    # Each of the two stages compiles the training step once (its new
+    # optimizer state placed on the mesh) and the evaluation step once.
+    np.testing.assert_array_equal(first - before, [2, 2, 1])
+    # An equal configuration reuses them: its optimizers are the same objects.
+    np.testing.assert_array_equal(again, first)
 
 
 class MixedPrecisionTest(parameterized.TestCase):
