@@ -304,8 +304,8 @@ class TrainAndEvaluateTest(parameterized.TestCase):
 class CompilationTest(absltest.TestCase):
 
   def test_each_stage_compiles_its_steps_once_per_process(self):
-    # A model no other test trains, so this process has compiled nothing for it.
-    model = dataclasses.replace(_SMALL, dense_units=(16, 8))
+    # A head width no other test uses, so this process has compiled nothing for it.
+    model = dataclasses.replace(_SMALL, dense_units=(16, 11))
     programs = (steps.train_step, steps.eval_step, steps.predict_step)
     with tempfile.TemporaryDirectory() as tmp:
       sizes = [[f._cache_size() for f in programs]]
