@@ -557,7 +557,7 @@ def _input_grad(w: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
 # session 13).
 _CHANNEL_MAJOR_PATCH_DTYPES = (jnp.float32,)
 # Chunked float32 kernel gradients of 3-tall kernels by Winograd F(4, 3)
-# along the height (`_height_winograd_kernel_grad`; channel-major too).
+# along the height (`_height_winograd_kernel_grad`, from the NHWC input).
 _WINOGRAD_KERNEL_GRAD_DTYPES = (jnp.float32,)
 
 
@@ -610,36 +610,41 @@ def _channel_major_kernel_grad(
 
 
 def _height_winograd_kernel_grad(
-    xt: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
+    x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
 ) -> jax.Array:
-  """`_channel_major_kernel_grad` of a 3-tall kernel, Winograd F(4, 3) down.
+  """`_im2col_kernel_grad` of a 3-tall kernel, Winograd F(4, 3) down.
 
-  Along the height, the input's 6-row tiles at stride 4 are transformed
-  (``B^T d``), and the cotangent's groups of 4 rows (``A g``); along the
-  width the tiles are shifted by the kernel's columns, as im2col does, so
-  that each patch row is a run of whole output rows. The 6 products
-  [kw * C_in, positions / 4] @ [positions / 4, C_out] take half the im2col
-  product's FLOPs, their patches half its memory; ``G^T`` of the products
-  gives the kernel's 3 rows. The height is zero-padded to whole tiles.
-  Against float64, it errs by ~3e-6 of the largest value on the study's
-  46x46x32 layer, where ``lax``'s own kernel gradient errs by ~1.3e-5.
+  Along the height, the NHWC input's 6-row tiles at stride 4 are
+  transformed (``B^T d``), and the cotangent's groups of 4 rows (``A g``);
+  along the width the tiles are shifted by the kernel's columns, as im2col
+  does. The 6 products [positions / 4, kw * C_in]^T @ [positions / 4, C_out]
+  take half the im2col product's FLOPs, their patches half its memory;
+  ``G^T`` of the products gives the kernel's 3 rows. The height is
+  zero-padded to whole tiles. oneDNN reads the patches transposed, so the
+  input needs no channel-major copy: on the study's 46x46x32 layer, 18 ms
+  at batch 64 against 24 with that copy and channel-major patches
+  (docs/PERFORMANCE.md, session 19). Against float64, it errs by ~2e-6 of
+  the largest value on that layer, where ``lax``'s own kernel gradient
+  errs by ~1.3e-5.
   """
-  cin, n, h, w = xt.shape
+  n, h, _, cin = x.shape
   _, ho, wo, cout = g.shape
   th = -(-ho // 4)
-  xt = jnp.pad(xt, ((0, 0), (0, 0), (0, 4 * th + 2 - h), (0, 0)))
+  x = jnp.pad(x, ((0, 0), (0, 4 * th + 2 - h), (0, 0), (0, 0)))
   g = jnp.pad(g, ((0, 0), (0, 4 * th - ho), (0, 0), (0, 0)))
-  taps = [xt[:, :, k : k + 4 * th - 3 : 4] for k in range(6)]
+  taps = [x[:, k : k + 4 * th - 3 : 4] for k in range(6)]
   tiles = _winograd43_1d(*taps)
   patches = jnp.stack(
-      [jnp.stack([t[..., j : j + wo] for j in range(kw)]) for t in tiles]
+      [jnp.stack([t[:, :, j : j + wo] for j in range(kw)], axis=3) for t in tiles]
   )
   rows = g.reshape(n, th, 4, wo, cout)
   u = jnp.stack(_winograd43_output_1d_t(*(rows[:, :, r] for r in range(4))))
-  m = _tile_products(
-      patches.reshape(6, kw * cin, n * th * wo),
+  m = _dot_general(
+      patches.reshape(6, n * th * wo, kw * cin),
       u.reshape(6, n * th * wo, cout),
-      precision,
+      (((1,), (1,)), ((0,), (0,))),
+      precision=precision,
+      preferred_element_type=jnp.float32,
   ).reshape(6, kw, cin, cout)
   dw = jnp.stack(_winograd43_kernel_1d_t(*(m[t] for t in range(6))))
   return dw.reshape(kh * kw * cin, cout)
@@ -672,8 +677,8 @@ def _kernel_grad(
 
   Large layers (`_chunked_kernel_grad`) sum the products of
   `_KERNEL_GRAD_CHUNK` images at a time; a batch that is not a multiple of
-  the chunk adds the remaining images' product at the end. A float32 input
-  is transposed to channel-major once, for all chunks. Large float32 layers
+  the chunk adds the remaining images' product at the end. Channel-major
+  patches transpose the input once, for all chunks. Large float32 layers
   with 3-tall kernels take Winograd F(4, 3) along the height
   (`_height_winograd_kernel_grad`): on the study's 46x46x32 layer, 19-21 ms
   at batch 64 against 27-28 for Winograd F(2, 3) along the width and 33-36
@@ -685,7 +690,7 @@ def _kernel_grad(
   dtype = jnp.result_type(x, g)
   chunked = _chunked_kernel_grad(x.shape, g.shape)
   if chunked and kh == 3 and dtype in _WINOGRAD_KERNEL_GRAD_DTYPES:
-    product, to_layout = _height_winograd_kernel_grad, _channels_first
+    product, to_layout = _height_winograd_kernel_grad, lambda a: a
   elif dtype in _CHANNEL_MAJOR_PATCH_DTYPES:
     product, to_layout = _channel_major_kernel_grad, _channels_first
   else:
@@ -833,21 +838,24 @@ def _winograd_pad(x: jax.Array) -> tuple[jax.Array, int, int]:
 def _winograd_input_transform(x: jax.Array) -> jax.Array:
   """``B^T d B`` of every 4x4 tile of ``x`` at stride 2: [16, tiles, C].
 
-  ``x`` is already padded to ``2 * tiles + 2`` rows and columns.
+  ``x`` is already padded to ``2 * tiles + 2`` rows and columns. Its rows
+  and columns are split in pairs by a reshape XLA makes a bitcast, so that
+  each of a tile's 16 inputs is a plain slice: slices taken before such a
+  reshape make XLA:CPU's loop compute every element's index by division.
+  The forward transforms of the study's second block take 51 ms this way in
+  a training step at batch 256, 75 ms that way (docs/PERFORMANCE.md,
+  session 19).
   """
   n, h, wd, c = x.shape
   th, tw = (h - 2) // 2, (wd - 2) // 2
-  # Tile rows 2i..2i+3 as two reshaped halves: rows (2i, 2i+1), (2i+2, 2i+3).
-  top = x[:, : 2 * th].reshape(n, th, 2, 2 * tw + 2, c)
-  bottom = x[:, 2:].reshape(n, th, 2, 2 * tw + 2, c)
-  rows = _winograd_1d(top[:, :, 0], top[:, :, 1], bottom[:, :, 0], bottom[:, :, 1])
-  tiles = []
-  for r in rows:
-    left = r[:, :, : 2 * tw].reshape(n, th, tw, 2, c)
-    right = r[:, :, 2:].reshape(n, th, tw, 2, c)
-    tiles.append(
-        _winograd_1d(left[..., 0, :], left[..., 1, :], right[..., 0, :], right[..., 1, :])
-    )
+  pairs = x.reshape(n, th + 1, 2, tw + 1, 2, c)
+
+  def tap(row: int, col: int) -> jax.Array:
+    """Input ``(row, col)`` of every tile: [N, tile rows, tile columns, C]."""
+    return pairs[:, row // 2 : row // 2 + th, row % 2, col // 2 : col // 2 + tw, col % 2]
+
+  columns = [_winograd_1d(*(tap(row, col) for row in range(4))) for col in range(4)]
+  tiles = [_winograd_1d(*(columns[col][a] for col in range(4))) for a in range(4)]
   return _stack_4x4(tiles).reshape(16, n * th * tw, c)
 
 

@@ -22,7 +22,9 @@ choices and for the training-speed ceiling, so they live here, runnable:
       in the float32 training step: as shipped (Winograd F(4, 3) along the
       height) and by the formulations measured against it (Winograd F(2, 3)
       along the width, as shipped until session 16; im2col with three patch
-      layouts; Winograd F(2x2, 3x3); oneDNN convolutions) and by ``lax``,
+      layouts; Winograd F(4, 3) along the height from a channel-major
+      copy, as shipped until session 18; Winograd F(2x2, 3x3); oneDNN
+      convolutions) and by ``lax``,
       with each one's error against a float64 reference.
   python -m benchmarks.cpu_paths --what=dropout --batch_size=64
       The study network's dropout inputs, flax's layer against `agejax.dropout`'s
@@ -42,13 +44,15 @@ choices and for the training-speed ceiling, so they live here, runnable:
       Winograd's forward, backward or both, with the forward on YNNPACK (no
       Winograd, no Eigen padding), with YNNPACK off for the step, with
       Winograd's 16 tiles stacked at once instead of as four stacks of four,
+      with Winograd's input tiles sliced before they are reshaped into pairs,
       with Winograd for float32 only (add ``--dtype=bfloat16`` to train in
       bfloat16), with flax's own dropout layer (the same masks, JAX's
       threefry), with agejax's masks hashed again by every loop that reads
       them, with flax's ReLU and BatchNorm layers, with the float32 im2col
       kernel gradient's patches concatenated from the NHWC input, with the
-      46x46x32 layer's kernel gradient by im2col or by Winograd F(2, 3)
-      along the width instead of F(4, 3) along the height, with each
+      46x46x32 layer's kernel gradient by im2col, by Winograd F(2, 3)
+      along the width instead of F(4, 3) along the height, or from a
+      channel-major copy of its input (as until session 18), with each
       convolution's bias and ReLU as ops of their own
       instead of in its pass, with XLA:CPU's own convolutions and dots instead of oneDNN's
       (`agejax.onednn`). Also ideas
@@ -365,14 +369,75 @@ def _width_winograd_kernel_grad(
   return dw.reshape(kh * kw * cin, cout)
 
 
-# Patched in as `conv._height_winograd_kernel_grad`: the same channel-major
-# arguments, used for the same (3x3) layers.
-_WIDTH_WINOGRAD = {'_height_winograd_kernel_grad': _width_winograd_kernel_grad}
+def _channel_major_height_winograd_kernel_grad(
+    xt: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
+) -> jax.Array:
+  """Winograd F(4, 3) along the height from channel-major input (sessions 16-18).
+
+  `conv._height_winograd_kernel_grad` as shipped until session 18: the
+  input [C_in, B, H, W], the patches [6, kw * C_in, positions / 4].
+  """
+  cin, n, h, w = xt.shape
+  _, ho, wo, cout = g.shape
+  th = -(-ho // 4)
+  xt = jnp.pad(xt, ((0, 0), (0, 0), (0, 4 * th + 2 - h), (0, 0)))
+  g = jnp.pad(g, ((0, 0), (0, 4 * th - ho), (0, 0), (0, 0)))
+  taps = [xt[:, :, k : k + 4 * th - 3 : 4] for k in range(6)]
+  tiles = conv._winograd43_1d(*taps)
+  patches = jnp.stack([jnp.stack([t[..., j : j + wo] for j in range(kw)]) for t in tiles])
+  rows = g.reshape(n, th, 4, wo, cout)
+  u = jnp.stack(conv._winograd43_output_1d_t(*(rows[:, :, r] for r in range(4))))
+  m = conv._tile_products(
+      patches.reshape(6, kw * cin, n * th * wo), u.reshape(6, n * th * wo, cout), precision
+  ).reshape(6, kw, cin, cout)
+  dw = jnp.stack(conv._winograd43_kernel_1d_t(*(m[t] for t in range(6))))
+  return dw.reshape(kh * kw * cin, cout)
+
+
+def _channel_major_chunks(product: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+  """A `conv._kernel_grad` that runs ``product`` on channel-major chunks.
+
+  For the layers `conv._kernel_grad` gives Winograd F(4, 3) along the height
+  (chunked float32 3x3 layers): the input transposed to channel-major once,
+  then ``product`` of each chunk of `_KG_CHUNK` images summed in a
+  ``lax.scan``, as shipped until session 18. Other layers as shipped.
+  """
+
+  def kernel_grad(
+      x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
+  ) -> jax.Array:
+    if (
+        (kh, kw) != (3, 3)
+        or x.dtype != jnp.float32
+        or not conv._chunked_kernel_grad(x.shape, g.shape)
+        or x.shape[0] % _KG_CHUNK
+    ):
+      return _KERNEL_GRAD(x, g, kh, kw, precision)
+    cin, cout = x.shape[3], g.shape[3]
+    xs = jnp.moveaxis(x.reshape(-1, _KG_CHUNK, *x.shape[1:]), -1, 1)
+    gs = g.reshape(-1, _KG_CHUNK, *g.shape[1:])
+
+    def add_chunk(dw: jax.Array, chunk: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+      return dw + product(*chunk, kh, kw, precision), None
+
+    dw, _ = lax.scan(add_chunk, jnp.zeros((kh * kw * cin, cout), jnp.float32), (xs, gs))
+    return dw.reshape(kh, kw, cin, cout)
+
+  return kernel_grad
+
+
+_WIDTH_WINOGRAD = {'_kernel_grad': _channel_major_chunks(_width_winograd_kernel_grad)}
+_CHANNEL_MAJOR_HEIGHT_WINOGRAD = {
+    '_kernel_grad': _channel_major_chunks(_channel_major_height_winograd_kernel_grad)
+}
 
 
 def _kg_width_winograd(x: jax.Array, g: jax.Array) -> jax.Array:
-  with mock.patch.multiple(conv, **_WIDTH_WINOGRAD):
-    return conv._kernel_grad(x, g, 3, 3, None)
+  return _WIDTH_WINOGRAD['_kernel_grad'](x, g, 3, 3, None)
+
+
+def _kg_channel_major_height_winograd(x: jax.Array, g: jax.Array) -> jax.Array:
+  return _CHANNEL_MAJOR_HEIGHT_WINOGRAD['_kernel_grad'](x, g, 3, 3, None)
 
 
 def _kg_im2col(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -487,6 +552,9 @@ def _kernel_grads(batch_size: int, repeats: int) -> None:
   formulations = {
       'shipped: Winograd F(4, 3) along the height (`conv._kernel_grad`)': _kg_shipped,
       "lax.conv_general_dilated's gradient": _kg_lax,
+      'Winograd F(4, 3) along the height, channel-major (shipped until session 18)': (
+          _kg_channel_major_height_winograd
+      ),
       'Winograd F(2, 3) along the width (shipped until session 16)': _kg_width_winograd,
       'im2col, channel-major patches (shipped until session 15)': _kg_im2col,
       'im2col, NHWC patches read transposed': _kg_nhwc_patches,
@@ -597,6 +665,27 @@ def _flat_stack_16(groups: Sequence[Sequence[jax.Array]]) -> jax.Array:
   return jnp.stack(pieces).reshape(4, 4, *pieces[0].shape)
 
 
+def _sliced_then_reshaped_input_transform(x: jax.Array) -> jax.Array:
+  """`conv._winograd_input_transform` as shipped until session 18.
+
+  The tile rows and columns taken as slices of ``x``, then reshaped into
+  pairs: XLA:CPU's loop computes each element's index by division.
+  """
+  n, h, wd, c = x.shape
+  th, tw = (h - 2) // 2, (wd - 2) // 2
+  top = x[:, : 2 * th].reshape(n, th, 2, 2 * tw + 2, c)
+  bottom = x[:, 2:].reshape(n, th, 2, 2 * tw + 2, c)
+  rows = conv._winograd_1d(top[:, :, 0], top[:, :, 1], bottom[:, :, 0], bottom[:, :, 1])
+  tiles = []
+  for r in rows:
+    left = r[:, :, : 2 * tw].reshape(n, th, tw, 2, c)
+    right = r[:, :, 2:].reshape(n, th, tw, 2, c)
+    tiles.append(
+        conv._winograd_1d(left[..., 0, :], left[..., 1, :], right[..., 0, :], right[..., 1, :])
+    )
+  return conv._stack_4x4(tiles).reshape(16, n * th * tw, c)
+
+
 # The shipped kernel gradient, which the variants below call for the other
 # layers while they are patched in as `conv._kernel_grad`.
 _KERNEL_GRAD = conv._kernel_grad
@@ -642,6 +731,12 @@ _WINOGRAD_FROM_32 = {
 _TRAIN_VARIANTS = {
     'shipped': ({}, None),
     'Winograd tiles as one stack of 16': ({conv: {'_stack_4x4': _flat_stack_16}}, None),
+    # Winograd's input tiles sliced before their pairs are reshaped out (as
+    # shipped until session 18).
+    'Winograd input tiles sliced before reshaping': (
+        {conv: {'_winograd_input_transform': _sliced_then_reshaped_input_transform}},
+        None,
+    ),
     'Winograd backward by jax.vjp': (
         {conv: {'winograd_conv_valid_vjp': _winograd_autodiff_vjp}},
         None,
@@ -668,6 +763,8 @@ _TRAIN_VARIANTS = {
     'kernel gradient by im2col': ({conv: {'_WINOGRAD_KERNEL_GRAD_DTYPES': ()}}, None),
     # The 46x46x32 layer's kernel gradient as shipped until session 16.
     'kernel gradient by Winograd along the width': ({conv: _WIDTH_WINOGRAD}, None),
+    # ... and until session 18: from a channel-major copy of the input.
+    'kernel gradient from a channel-major input': ({conv: _CHANNEL_MAJOR_HEIGHT_WINOGRAD}, None),
     # Not choices undone: measured and not adopted (session 15).
     '46x46x32 kernel gradient by Winograd': (
         {conv: {'_kernel_grad': _kernel_grad_winograd_from_32}},
@@ -906,8 +1003,10 @@ def _profile(step_name: str, batch_size: int, repeats: int, top: int) -> None:
         run()
     (path,) = glob.glob(f'{trace_dir}/**/*.xplane.pb', recursive=True)
     profile = jax.profiler.ProfileData.from_file(path)
+  # A custom call's event is named after its instruction and its target
+  # (``ffi_call.19__onednn$convolution``), the instruction alone in the HLO.
   events = [
-      (event.start_ns, event.start_ns + event.duration_ns, event.name)
+      (event.start_ns, event.start_ns + event.duration_ns, event.name.split('__', 1)[0])
       for plane in profile.planes
       for line in plane.lines
       for event in line.events
