@@ -842,9 +842,9 @@ def _winograd_input_transform(x: jax.Array) -> jax.Array:
   and columns are split in pairs by a reshape XLA makes a bitcast, so that
   each of a tile's 16 inputs is a plain slice: slices taken before such a
   reshape make XLA:CPU's loop compute every element's index by division.
-  The forward transforms of the study's second block take 51 ms this way in
-  a training step at batch 256, 75 ms that way (docs/PERFORMANCE.md,
-  session 19).
+  The forward transforms of the study's second block took 44 ms this way in
+  a profile of the training step at batch 256, 75 ms that way
+  (docs/PERFORMANCE.md, session 19).
   """
   n, h, wd, c = x.shape
   th, tw = (h - 2) // 2, (wd - 2) // 2

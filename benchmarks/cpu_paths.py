@@ -52,7 +52,8 @@ choices and for the training-speed ceiling, so they live here, runnable:
       kernel gradient's patches concatenated from the NHWC input, with the
       46x46x32 layer's kernel gradient by im2col, by Winograd F(2, 3)
       along the width instead of F(4, 3) along the height, or from a
-      channel-major copy of its input (as until session 18), with each
+      channel-major copy of its input (as until session 18), with that
+      and Winograd's input tiles both as until session 18, with each
       convolution's bias and ReLU as ops of their own
       instead of in its pass, with XLA:CPU's own convolutions and dots instead of oneDNN's
       (`agejax.onednn`). Also ideas
@@ -765,6 +766,16 @@ _TRAIN_VARIANTS = {
     'kernel gradient by Winograd along the width': ({conv: _WIDTH_WINOGRAD}, None),
     # ... and until session 18: from a channel-major copy of the input.
     'kernel gradient from a channel-major input': ({conv: _CHANNEL_MAJOR_HEIGHT_WINOGRAD}, None),
+    # Both of session 19's changes undone: the step as shipped until session 18.
+    'Winograd input tiles and kernel gradient as in session 18': (
+        {
+            conv: {
+                '_winograd_input_transform': _sliced_then_reshaped_input_transform,
+                **_CHANNEL_MAJOR_HEIGHT_WINOGRAD,
+            }
+        },
+        None,
+    ),
     # Not choices undone: measured and not adopted (session 15).
     '46x46x32 kernel gradient by Winograd': (
         {conv: {'_kernel_grad': _kernel_grad_winograd_from_32}},
@@ -828,6 +839,28 @@ _TRAIN_VARIANTS = {
 }
 
 
+def _compile_patched(
+    step: Any,
+    patches: Mapping[Any, Mapping[str, Any]],
+    compiler_options: Mapping[str, Any] | None,
+    *args: Any,
+    **static: Any,
+) -> Any:
+  """``step`` (a jitted function) compiled while ``patches`` are applied.
+
+  JAX caches a jitted function's trace by the function and its arguments'
+  types, not by the module attributes the trace reads; the cache is cleared
+  so that the patched attributes are read at all. (Sessions 18 and 19 until
+  this fix: the train state's optimizer became one cached object, so every
+  variant after the first hit the first's trace and ran its program.)
+  """
+  with contextlib.ExitStack() as stack:
+    for module, attributes in patches.items():
+      stack.enter_context(mock.patch.multiple(module, **attributes))
+    jax.clear_caches()
+    return step.lower(*args, **static).compile(compiler_options)
+
+
 def _train(
     batch_sizes: Sequence[int], repeats: int, names: Sequence[str], scan_batches: int
 ) -> None:
@@ -848,14 +881,15 @@ def _train(
     else:
       step, args, static = steps.train_step, (_batch(batch_size, rng), key), {}
       images_per_call = batch_size
-    runs = {}
+    runs, programs = {}, {}
     for name in names:
       patches, compiler_options = _TRAIN_VARIANTS[name]
       state = [_state(dtype=_DTYPE.value)]
-      with contextlib.ExitStack() as stack:
-        for module, attributes in patches.items():
-          stack.enter_context(mock.patch.multiple(module, **attributes))
-        compiled = step.lower(state[0], *args, **static).compile(compiler_options)
+      compiled = _compile_patched(step, patches, compiler_options, state[0], *args, **static)
+      program = compiled.as_text()
+      if program in programs:
+        print(f'Note: {name!r} compiles to the same program as {programs[program]!r}.')
+      programs.setdefault(program, name)
 
       def run(compiled=compiled, state=state) -> None:
         state[0], out = compiled(state[0], *args)
