@@ -670,31 +670,53 @@ def _channels_first(x: jax.Array) -> jax.Array:
   return jnp.moveaxis(x, -1, -4)
 
 
+_KernelGradProduct = Callable[[jax.Array, jax.Array, int, int, Any], jax.Array]
+
+
+def _kernel_grad_formulation(
+    x_shape: Sequence[int], g_shape: Sequence[int], kh: int, dtype: Any
+) -> tuple[_KernelGradProduct, Callable[[jax.Array], jax.Array]]:
+  """The product `_kernel_grad` sums, and the layout it takes the input in.
+
+  Large float32 layers with 3-tall kernels take Winograd F(4, 3) along the
+  height (`_height_winograd_kernel_grad`): on the study's 46x46x32 layer,
+  19-21 ms at batch 64 against 27-28 for Winograd F(2, 3) along the width
+  and 33-36 for im2col (docs/PERFORMANCE.md, session 16). Others take
+  im2col, with channel-major patches in the `_CHANNEL_MAJOR_PATCH_DTYPES`.
+  """
+  if (
+      _chunked_kernel_grad(x_shape, g_shape)
+      and kh == 3
+      and dtype in _WINOGRAD_KERNEL_GRAD_DTYPES
+  ):
+    return _height_winograd_kernel_grad, _as_nhwc
+  if dtype in _CHANNEL_MAJOR_PATCH_DTYPES:
+    return _channel_major_kernel_grad, _channels_first
+  return _im2col_kernel_grad, _as_nhwc
+
+
+def _as_nhwc(x: jax.Array) -> jax.Array:
+  """``x`` as it is: the layout of the NHWC formulations."""
+  return x
+
+
 def _kernel_grad(
     x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
 ) -> jax.Array:
   """dW [kh, kw, C_in, C_out] of the VALID convolution for cotangent ``g``.
 
-  Large layers (`_chunked_kernel_grad`) sum the products of
-  `_KERNEL_GRAD_CHUNK` images at a time; a batch that is not a multiple of
-  the chunk adds the remaining images' product at the end. Channel-major
-  patches transpose the input once, for all chunks. Large float32 layers
-  with 3-tall kernels take Winograd F(4, 3) along the height
-  (`_height_winograd_kernel_grad`): on the study's 46x46x32 layer, 19-21 ms
-  at batch 64 against 27-28 for Winograd F(2, 3) along the width and 33-36
-  for im2col (docs/PERFORMANCE.md, session 16). The alternatives measured
-  before, Eigen's 3-D filter-gradient convolution and one im2col product of
-  the whole batch, took twice as long as im2col (session 10).
+  The product is `_kernel_grad_formulation`'s. Large layers
+  (`_chunked_kernel_grad`) sum it over `_KERNEL_GRAD_CHUNK` images at a
+  time; a batch that is not a multiple of the chunk adds the remaining
+  images' product at the end. Channel-major patches transpose the input
+  once, for all chunks. The alternatives measured before, Eigen's 3-D
+  filter-gradient convolution and one im2col product of the whole batch,
+  took twice as long as im2col (docs/PERFORMANCE.md, session 10).
   """
   cin, cout = x.shape[3], g.shape[3]
   dtype = jnp.result_type(x, g)
   chunked = _chunked_kernel_grad(x.shape, g.shape)
-  if chunked and kh == 3 and dtype in _WINOGRAD_KERNEL_GRAD_DTYPES:
-    product, to_layout = _height_winograd_kernel_grad, lambda a: a
-  elif dtype in _CHANNEL_MAJOR_PATCH_DTYPES:
-    product, to_layout = _channel_major_kernel_grad, _channels_first
-  else:
-    product, to_layout = _im2col_kernel_grad, lambda a: a
+  product, to_layout = _kernel_grad_formulation(x.shape, g.shape, kh, dtype)
   if not chunked:
     dw = product(to_layout(x), g, kh, kw, precision)
     return dw.reshape(kh, kw, cin, cout).astype(dtype)

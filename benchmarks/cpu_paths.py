@@ -395,50 +395,41 @@ def _channel_major_height_winograd_kernel_grad(
   return dw.reshape(kh * kw * cin, cout)
 
 
-def _channel_major_chunks(product: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-  """A `conv._kernel_grad` that runs ``product`` on channel-major chunks.
+def _channel_major_formulation(product: Callable[..., jax.Array]) -> Callable[..., Any]:
+  """A `conv._kernel_grad_formulation` giving ``product`` channel-major input.
 
-  For the layers `conv._kernel_grad` gives Winograd F(4, 3) along the height
-  (chunked float32 3x3 layers): the input transposed to channel-major once,
-  then ``product`` of each chunk of `_KG_CHUNK` images summed in a
-  ``lax.scan``, as shipped until session 18. Other layers as shipped.
+  Where agejax takes Winograd F(4, 3) along the height (chunked float32 3x3
+  layers): ``product`` of the input transposed to channel-major once, for
+  all chunks, as shipped until session 18. Other layers as shipped.
   """
 
-  def kernel_grad(
-      x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
-  ) -> jax.Array:
-    if (
-        (kh, kw) != (3, 3)
-        or x.dtype != jnp.float32
-        or not conv._chunked_kernel_grad(x.shape, g.shape)
-        or x.shape[0] % _KG_CHUNK
-    ):
-      return _KERNEL_GRAD(x, g, kh, kw, precision)
-    cin, cout = x.shape[3], g.shape[3]
-    xs = jnp.moveaxis(x.reshape(-1, _KG_CHUNK, *x.shape[1:]), -1, 1)
-    gs = g.reshape(-1, _KG_CHUNK, *g.shape[1:])
+  def formulation(x_shape: Any, g_shape: Any, kh: int, dtype: Any) -> Any:
+    shipped, to_layout = _KERNEL_GRAD_FORMULATION(x_shape, g_shape, kh, dtype)
+    if shipped is conv._height_winograd_kernel_grad:
+      return product, conv._channels_first
+    return shipped, to_layout
 
-    def add_chunk(dw: jax.Array, chunk: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
-      return dw + product(*chunk, kh, kw, precision), None
-
-    dw, _ = lax.scan(add_chunk, jnp.zeros((kh * kw * cin, cout), jnp.float32), (xs, gs))
-    return dw.reshape(kh, kw, cin, cout)
-
-  return kernel_grad
+  return formulation
 
 
-_WIDTH_WINOGRAD = {'_kernel_grad': _channel_major_chunks(_width_winograd_kernel_grad)}
+# The shipped formulations, which the ones below fall back to for other layers.
+_KERNEL_GRAD_FORMULATION = conv._kernel_grad_formulation
+_WIDTH_WINOGRAD = {'_kernel_grad_formulation': _channel_major_formulation(_width_winograd_kernel_grad)}
 _CHANNEL_MAJOR_HEIGHT_WINOGRAD = {
-    '_kernel_grad': _channel_major_chunks(_channel_major_height_winograd_kernel_grad)
+    '_kernel_grad_formulation': _channel_major_formulation(
+        _channel_major_height_winograd_kernel_grad
+    )
 }
 
 
 def _kg_width_winograd(x: jax.Array, g: jax.Array) -> jax.Array:
-  return _WIDTH_WINOGRAD['_kernel_grad'](x, g, 3, 3, None)
+  with mock.patch.multiple(conv, **_WIDTH_WINOGRAD):
+    return conv._kernel_grad(x, g, 3, 3, None)
 
 
 def _kg_channel_major_height_winograd(x: jax.Array, g: jax.Array) -> jax.Array:
-  return _CHANNEL_MAJOR_HEIGHT_WINOGRAD['_kernel_grad'](x, g, 3, 3, None)
+  with mock.patch.multiple(conv, **_CHANNEL_MAJOR_HEIGHT_WINOGRAD):
+    return conv._kernel_grad(x, g, 3, 3, None)
 
 
 def _kg_im2col(x: jax.Array, g: jax.Array) -> jax.Array:
