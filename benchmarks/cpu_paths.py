@@ -59,7 +59,10 @@ choices and for the training-speed ceiling, so they live here, runnable:
       (`agejax.onednn`). Also ideas
       measured and not adopted: that layer's Winograd backward in a
       `lax.scan` over 4 images at a time, or its kernel gradient alone by
-      Winograd F(2x2, 3x3); Winograd's forward from 5 output rows; two
+      Winograd F(2x2, 3x3); Winograd's forward from 5 output rows; the
+      Winograd forwards in batch chunks of 8 or 16 images; the 46x46x32
+      layer's forward by Winograd, whole or with every Winograd forward
+      in chunks of 8; the kernel gradient's chunks of 2, 8 or 16 images; two
       other settings of XLA:CPU's YNNPACK fusion; and XLA:CPU's experimental oneDNN fusion of
       every dot (where that fusion fails to compile it aborts the process:
       leave the column out with ``--variants``). And one measurement, not
@@ -712,6 +715,41 @@ def _conv_then_bias_relu(
   return nn.relu(y + b)
 
 
+# The shipped op, which `_forward_in_batch_chunks` calls for other layers
+# while it is patched in as `conv._conv_bias_relu`.
+_CONV_BIAS_RELU = conv._conv_bias_relu
+
+
+def _forward_in_batch_chunks(chunk: int, min_in_channels: int = 64) -> Any:
+  """`conv._conv_bias_relu` whose Winograd forwards run ``chunk`` images at a time.
+
+  A `lax.map` over the batch's chunks, each chunk's forward with its bias
+  and ReLU, so that its tiles stay in cache between the transforms and the
+  products; only layers with at least ``min_in_channels`` input channels
+  (and batches of several chunks). The backward pass is the shipped one.
+  """
+
+  def primal(x: jax.Array, w: jax.Array, b: jax.Array, precision: Any) -> jax.Array:
+    n = x.shape[0]
+    chunked = n % chunk == 0 and n > chunk and w.shape[2] >= min_in_channels
+    if chunked and conv._winograd_forward(x.shape, w):
+      y = lax.map(
+          lambda xc: nn.relu(conv.winograd_conv_valid(xc, w, precision) + b),
+          x.reshape(n // chunk, chunk, *x.shape[1:]),
+      )
+      return y.reshape(n, *y.shape[2:])
+    return _CONV_BIAS_RELU(x, w, b, precision)
+
+  op = jax.custom_vjp(primal, nondiff_argnums=(3,))
+
+  def fwd(x: jax.Array, w: jax.Array, b: jax.Array, precision: Any) -> tuple[jax.Array, Any]:
+    r = op(x, w, b, precision)
+    return r, (x, w, r)
+
+  op.defvjp(fwd, conv._conv_bias_relu_bwd)
+  return op
+
+
 # Winograd both ways from 32 input channels, as shipped until session 10.
 _WINOGRAD_FROM_32 = {
     '_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 32,
@@ -773,6 +811,31 @@ _TRAIN_VARIANTS = {
         None,
     ),
     'Winograd forward from 5 output rows': ({conv: {'_WINOGRAD_FORWARD_MIN_OUT_ROWS': 5}}, None),
+    # Measured and not adopted (session 20, on a Zen 4): the Winograd
+    # layers' forwards in batch chunks, re-measured after the fix to this
+    # tool (see `_compile_patched`); the 46x46x32 layer's forward by
+    # Winograd, whole or in chunks; other kernel-gradient chunk sizes.
+    'Winograd forward in batch chunks of 8': (
+        {conv: {'_conv_bias_relu': _forward_in_batch_chunks(8)}},
+        None,
+    ),
+    'Winograd forward in batch chunks of 16': (
+        {conv: {'_conv_bias_relu': _forward_in_batch_chunks(16)}},
+        None,
+    ),
+    '46x46x32 forward by Winograd': ({conv: {'_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 32}}, None),
+    '46x46x32 forward by Winograd and all Winograd forwards in chunks of 8': (
+        {
+            conv: {
+                '_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 32,
+                '_conv_bias_relu': _forward_in_batch_chunks(8, min_in_channels=32),
+            }
+        },
+        None,
+    ),
+    'kernel gradient chunks of 2 images': ({conv: {'_KERNEL_GRAD_CHUNK': 2}}, None),
+    'kernel gradient chunks of 8 images': ({conv: {'_KERNEL_GRAD_CHUNK': 8}}, None),
+    'kernel gradient chunks of 16 images': ({conv: {'_KERNEL_GRAD_CHUNK': 16}}, None),
     # Not a choice: what the 46x46x32 layer's kernel gradient costs the step.
     'no 46x46x32 kernel gradient (timing only)': (
         {conv: {'_kernel_grad': _kernel_grad_skipped_from_32}},
