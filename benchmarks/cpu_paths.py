@@ -62,7 +62,8 @@ choices and for the training-speed ceiling, so they live here, runnable:
       Winograd F(2x2, 3x3); Winograd's forward from 5 output rows; the
       Winograd forwards in batch chunks of 8 or 16 images; the 46x46x32
       layer's forward by Winograd, whole or with every Winograd forward
-      in chunks of 8; the kernel gradient's chunks of 2, 8 or 16 images; two
+      in chunks of 8; the kernel gradient's chunks of 2, 8 or 16 images,
+      or unrolled into static slices instead of a ``lax.scan``; two
       other settings of XLA:CPU's YNNPACK fusion; and XLA:CPU's experimental oneDNN fusion of
       every dot (where that fusion fails to compile it aborts the process:
       leave the column out with ``--variants``). And one measurement, not
@@ -750,6 +751,27 @@ def _forward_in_batch_chunks(chunk: int, min_in_channels: int = 64) -> Any:
   return op
 
 
+def _kernel_grad_unrolled(
+    x: jax.Array, g: jax.Array, kh: int, kw: int, precision: Any
+) -> jax.Array:
+  """`conv._kernel_grad` with its chunks as static slices, not a `lax.scan`.
+
+  So that XLA:CPU can fuse each chunk's slices into the loops that read
+  them instead of copying the chunk out. Layers taken whole, or with
+  channel-major patches, as shipped.
+  """
+  cin, cout = x.shape[3], g.shape[3]
+  dtype = jnp.result_type(x, g)
+  product, to_layout = conv._kernel_grad_formulation(x.shape, g.shape, kh, dtype)
+  if not conv._chunked_kernel_grad(x.shape, g.shape) or to_layout is not conv._as_nhwc:
+    return _KERNEL_GRAD(x, g, kh, kw, precision)
+  chunk = conv._KERNEL_GRAD_CHUNK
+  dw = jnp.zeros((kh * kw * cin, cout), jnp.float32)
+  for i in range(0, x.shape[0], chunk):
+    dw = dw + product(x[i : i + chunk], g[i : i + chunk], kh, kw, precision)
+  return dw.reshape(kh, kw, cin, cout).astype(dtype)
+
+
 # Winograd both ways from 32 input channels, as shipped until session 10.
 _WINOGRAD_FROM_32 = {
     '_WINOGRAD_FORWARD_MIN_IN_CHANNELS': 32,
@@ -833,6 +855,7 @@ _TRAIN_VARIANTS = {
         },
         None,
     ),
+    'kernel gradient chunks unrolled': ({conv: {'_kernel_grad': _kernel_grad_unrolled}}, None),
     'kernel gradient chunks of 2 images': ({conv: {'_KERNEL_GRAD_CHUNK': 2}}, None),
     'kernel gradient chunks of 8 images': ({conv: {'_KERNEL_GRAD_CHUNK': 8}}, None),
     'kernel gradient chunks of 16 images': ({conv: {'_KERNEL_GRAD_CHUNK': 16}}, None),
