@@ -485,13 +485,12 @@ def _forward(x: jax.Array, w: jax.Array, precision: Any) -> jax.Array:
   """The VALID convolution, on the fastest XLA:CPU kernel for its shape.
 
   Float32 and bfloat16 3x3 layers with at least 64 input channels and 6
-  output rows run `winograd_conv_valid` (`_winograd_forward`; in float32
-  their backward pass reuses its transformed input, and oneDNN's forward
-  was no faster over the whole step). Other layers run oneDNN's
-  convolution where `onednn.enabled_for` their dtype. Otherwise: XLA:CPU
-  (jaxlib 0.10.2)
-  gives a 2-D convolution to YNNPACK unless its output is taller than its
-  input; YNNPACK runs these layers 2-3x slower than Eigen.
+  output rows run `winograd_conv_valid` (`_winograd_forward`; oneDNN's
+  forward was no faster over the whole step in float32). Other layers run
+  oneDNN's convolution where `onednn.enabled_for` their dtype. Otherwise:
+  XLA:CPU (jaxlib 0.10.2) gives a 2-D convolution to YNNPACK unless its
+  output is taller than its input; YNNPACK runs these layers 2-3x slower
+  than Eigen.
   Padding the input's bottom by ``kh`` rows makes the output ``kh`` rows
   taller than the VALID one (one row taller than the input), which routes it
   to Eigen; the extra rows are sliced off. The kept rows only read real input
