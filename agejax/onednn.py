@@ -16,9 +16,19 @@ The configuration is XLA's internal format (``xla.cpu.OneDnnConvolutionConfig``
 and ``OneDnnMatMulConfig``), and a configuration oneDNN rejects aborts the
 process instead of raising. So `available` allows them only where agejax's
 tests cover that format: jaxlib `_TESTED_JAXLIB` on x86-64 with the CPU as
-JAX's default backend. Even there it first runs each kind of call on a small
-input and compares it with ``lax``. Everywhere else `dot_general` is
-``lax.dot_general``, and `agejax.conv` keeps its other CPU paths.
+JAX's default backend, and a CPU whose instructions oneDNN may use include
+AVX-512 (`_AVX512_CORE_CPU_FLAGS`; ``ONEDNN_MAX_CPU_ISA`` or
+``DNNL_MAX_CPU_ISA`` may lower that). Even there it first runs each kind of
+call on a small input and compares it with ``lax``. Everywhere else
+`dot_general` is ``lax.dot_general``, and `agejax.conv` keeps its other CPU
+paths.
+
+Why AVX-512: on AVX2 oneDNN runs a float32 matmul on another kernel
+(``gemm_f32_matmul_t``), and with jaxlib 0.10.2 that one deadlocks: with
+``ONEDNN_MAX_CPU_ISA=AVX2`` a jitted ``[16, 1024, 128] x [16, 128, 128]``
+matmul hung within 1-7 calls in each of 3 processes (its thread waiting on
+oneDNN's ``parallel``, XLA's pool threads idle; docs/PERFORMANCE.md, session
+21). A small probe cannot catch that: it would hang too, or pass.
 
 bfloat16 operands go to oneDNN too where the CPU has bfloat16 instructions
 (AVX-512 BF16 or AMX, `_BFLOAT16_CPU_FLAGS`): there oneDNN's bfloat16
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 from typing import Any, Sequence
 
@@ -49,6 +60,12 @@ _DTYPES = (jnp.float32, jnp.bfloat16)
 # bfloat16 only where the CPU multiplies it natively (any one of these
 # /proc/cpuinfo flags); elsewhere oneDNN's bfloat16 kernels were not measured.
 _BFLOAT16_CPU_FLAGS = ('avx512_bf16', 'amx_bf16')
+# oneDNN's ``avx512_core``: the least the CPU must have (all of these flags).
+_AVX512_CORE_CPU_FLAGS = ('avx512f', 'avx512cd', 'avx512bw', 'avx512dq', 'avx512vl')
+# Variables that cap the instructions oneDNN uses, and the caps (prefixes of
+# oneDNN's names, case-insensitive) that still allow ``avx512_core``.
+_MAX_ISA_VARIABLES = ('ONEDNN_MAX_CPU_ISA', 'DNNL_MAX_CPU_ISA')
+_AVX512_MAX_ISAS = ('ALL', 'DEFAULT', 'AVX512_CORE', 'AVX10')
 _CPUINFO = '/proc/cpuinfo'
 _PROBE_TOLERANCE = 1e-5
 
@@ -254,27 +271,48 @@ def enabled_for(dtype: Any) -> bool:
 @functools.cache
 def _native_bfloat16() -> bool:
   """Whether the CPU has bfloat16 instructions (`_BFLOAT16_CPU_FLAGS`)."""
+  flags = _cpu_flags()
+  return any(flag in flags for flag in _BFLOAT16_CPU_FLAGS)
+
+
+def _cpu_flags() -> frozenset[str]:
+  """The words of `_CPUINFO` (its ``flags`` lines among them); empty if unreadable."""
   try:
     with open(_CPUINFO, encoding='utf-8') as f:
-      flags = set(f.read().split())
+      return frozenset(f.read().split())
   except OSError:
+    return frozenset()
+
+
+def _avx512_core() -> bool:
+  """Whether oneDNN may run AVX-512 kernels here (module docstring: why).
+
+  The CPU has every one of `_AVX512_CORE_CPU_FLAGS`, and no
+  `_MAX_ISA_VARIABLES` caps oneDNN below them.
+  """
+  if not set(_AVX512_CORE_CPU_FLAGS) <= _cpu_flags():
     return False
-  return any(flag in flags for flag in _BFLOAT16_CPU_FLAGS)
+  for variable in _MAX_ISA_VARIABLES:
+    cap = os.environ.get(variable, '').strip().upper()
+    if cap and not cap.startswith(_AVX512_MAX_ISAS):
+      return False
+  return True
 
 
 @functools.cache
 def available() -> bool:
   """Whether this process can use XLA:CPU's oneDNN kernels (module docstring).
 
-  Checked once per process, when first asked, by running a small
-  convolution (unpadded, padded, and with its bias and ReLU post-ops) and
-  matmul (plain and each operand transposed, with a batch dimension)
-  through them.
+  Checked once per process, when first asked: an x86-64 CPU with AVX-512
+  (`_avx512_core`), then a small convolution (unpadded, padded, and with its
+  bias and ReLU post-ops) and matmul (plain and each operand transposed,
+  with a batch dimension) run through them.
   """
   if (
       platform.machine().lower() not in ('x86_64', 'amd64')
       or jax.default_backend() != 'cpu'
       or jax.lib.__version__ not in _TESTED_JAXLIB
+      or not _avx512_core()
   ):
     return False
   try:

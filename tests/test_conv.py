@@ -221,6 +221,22 @@ class MatmulConvTest(chex.TestCase):
       )(x, k)
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
 
+  @parameterized.product(shape=_SHAPES, thresholds=(_CHUNKS_OF_2, _ALL_WINOGRAD))
+  def test_each_formulation_matches_lax_without_onednn(self, shape, thresholds):
+    # CPUs without AVX-512 get no oneDNN (`onednn.available`): every
+    # formulation then runs on XLA's own convolutions and dots.
+    x, k = _inputs(*shape)
+    kwargs = dict(padding='VALID', dimension_numbers=_NHWC)
+    want = _vjp(lax.conv_general_dilated, x, k, **kwargs)
+    fn = jax.jit(lambda a, b: _vjp(conv.matmul_conv_general_dilated, a, b, **kwargs))
+    with (
+        mock.patch.multiple(conv, **thresholds),
+        mock.patch.object(onednn, 'available', return_value=False),
+    ):
+      self.assertNotIn('__onednn$', fn.lower(x, k).compile().as_text())
+      got = fn(x, k)
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+
   @parameterized.parameters(
       # (input shape, kernel shape, Winograd forward, Eigen forward,
       #  chunked kernel gradient)

@@ -27,6 +27,7 @@ gradient is exact and tested in tests/test_conv.py and below.
 
 from __future__ import annotations
 
+import contextlib
 from unittest import mock
 
 from absl.testing import absltest
@@ -38,6 +39,7 @@ import jax.numpy as jnp
 
 from agejax import conv
 from agejax import model
+from agejax import onednn
 
 _TOL = 1e-5
 _ALL_BN = tuple(f'block{b}/bn{c}' for b in (1, 2, 3) for c in (1, 2)) + tuple(
@@ -82,15 +84,20 @@ def _step(net: model.CNN, images: jax.Array, labels: jax.Array):
 
 class CnnSpeedEquivalenceTest(parameterized.TestCase):
 
-  @parameterized.parameters(2, 26)
-  def test_matmul_training_step_equals_lax(self, batch):
+  @parameterized.product(batch=(2, 26), use_onednn=(True, False))
+  def test_matmul_training_step_equals_lax(self, batch, use_onednn):
     # Winograd both ways from 64 input channels; the 46x46x32 layer's kernel
     # gradient as one im2col product at batch 2, in chunks of 4 images (and
     # 2 left over) at batch 26; oneDNN's kernels where `agejax.onednn` is
-    # available. Dropout is on; BatchNorm uses its running statistics and
-    # both networks pool by averaging (see module docstring).
+    # available, and XLA's own as on CPUs without AVX-512. Dropout is on;
+    # BatchNorm uses its running statistics and both networks pool by
+    # averaging (see module docstring).
     images, labels = _batch(batch)
-    with mock.patch.object(conv, 'max_pool_for', _average_pool_for):
+    no_onednn = mock.patch.object(onednn, 'available', return_value=False)
+    with (
+        mock.patch.object(conv, 'max_pool_for', _average_pool_for),
+        contextlib.nullcontext() if use_onednn else no_onednn,
+    ):
       want = _step(
           model.age_model(conv_impl='lax', frozen_bn=_ALL_BN), images, labels
       )

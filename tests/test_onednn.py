@@ -28,7 +28,22 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _TESTED_HERE = (
     platform.machine().lower() in ('x86_64', 'amd64')
     and jax.lib.__version__ in onednn._TESTED_JAXLIB
+    and onednn._avx512_core()
 )
+_SKIP_REASON = 'oneDNN is used on x86-64 CPUs with AVX-512 and the tested jaxlib only'
+# /proc/cpuinfo's flags line of a CPU with oneDNN's avx512_core.
+_AVX512_CORE = 'fpu avx avx2 avx512f avx512cd avx512bw avx512dq avx512vl'
+
+
+def _cpuinfo(test: absltest.TestCase, flags: str | None) -> str:
+  """A cpuinfo file with ``flags`` (none at all for None), removed after ``test``."""
+  tmp = tempfile.TemporaryDirectory()
+  test.addCleanup(tmp.cleanup)
+  path = os.path.join(tmp.name, 'cpuinfo')
+  if flags is not None:
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(f'processor\t: 0\nflags\t\t: {flags}\n')
+  return path
 # bfloat16 goes to oneDNN where the CPU has bfloat16 instructions.
 _NATIVE_BFLOAT16 = _TESTED_HERE and onednn._native_bfloat16()
 
@@ -59,7 +74,7 @@ def _onednn_calls(fn, *args) -> tuple[int, int]:
   return text.count('"__onednn$convolution"'), text.count('"__onednn$matmul"')
 
 
-@absltest.skipUnless(_TESTED_HERE, 'oneDNN is used on x86-64 with the tested jaxlib only')
+@absltest.skipUnless(_TESTED_HERE, _SKIP_REASON)
 class AvailabilityTest(parameterized.TestCase):
 
   def test_available_where_tested(self):
@@ -83,6 +98,35 @@ class AvailabilityTest(parameterized.TestCase):
     with _fresh_availability(), patch:
       self.assertFalse(onednn.available())
       self.assertFalse(onednn.enabled_for(jnp.float32))
+
+  @parameterized.named_parameters(
+      ('avx2', 'fpu avx avx2 fma', False),
+      ('avx512f_alone', 'fpu avx avx2 avx512f', False),
+      ('avx512_core', _AVX512_CORE, True),
+      ('unreadable', None, False),
+  )
+  def test_needs_avx512(self, flags, want):
+    # On AVX2 oneDNN's float32 matmul deadlocks under XLA (module docstring).
+    with _fresh_availability(), mock.patch.object(onednn, '_CPUINFO', _cpuinfo(self, flags)):
+      self.assertEqual(onednn.available(), want)
+      self.assertEqual(onednn.enabled_for(jnp.float32), want)
+
+  @parameterized.named_parameters(
+      ('onednn_avx2', 'ONEDNN_MAX_CPU_ISA', 'AVX2', False),
+      ('onednn_avx2_vnni', 'ONEDNN_MAX_CPU_ISA', 'avx2_vnni', False),
+      ('dnnl_sse41', 'DNNL_MAX_CPU_ISA', 'SSE41', False),
+      ('onednn_avx512_core', 'ONEDNN_MAX_CPU_ISA', 'AVX512_CORE', True),
+      ('onednn_avx512_core_bf16', 'ONEDNN_MAX_CPU_ISA', 'avx512_core_bf16', True),
+      ('dnnl_all', 'DNNL_MAX_CPU_ISA', 'ALL', True),
+      ('empty', 'ONEDNN_MAX_CPU_ISA', '', True),
+  )
+  def test_max_isa_below_avx512_means_unavailable(self, variable, cap, want):
+    with (
+        _fresh_availability(),
+        mock.patch.object(onednn, '_CPUINFO', _cpuinfo(self, _AVX512_CORE)),
+        mock.patch.dict(os.environ, {variable: cap}),
+    ):
+      self.assertEqual(onednn.available(), want)
 
   def test_probe_rejects_wrong_results(self):
     # Padding given bottom-for-top: a valid oneDNN problem with other values.
@@ -114,21 +158,17 @@ class AvailabilityTest(parameterized.TestCase):
     self.assertEqual(onednn.enabled_for(dtype), want)
 
   @parameterized.named_parameters(
-      ('amx', 'flags\t\t: fpu avx512f amx_bf16 amx_tile\n', True),
-      ('avx512_bf16', 'flags\t\t: fpu avx512f avx512_bf16\n', True),
-      ('avx512_only', 'flags\t\t: fpu avx512f avx512bw\n', False),
-      ('unreadable', None, False),
+      ('amx', f'{_AVX512_CORE} amx_bf16 amx_tile', True),
+      ('avx512_bf16', f'{_AVX512_CORE} avx512_bf16', True),
+      ('avx512_only', _AVX512_CORE, False),
   )
-  def test_bfloat16_needs_native_instructions(self, cpuinfo, want):
-    tmp = tempfile.TemporaryDirectory()
-    self.addCleanup(tmp.cleanup)
-    path = os.path.join(tmp.name, 'cpuinfo')
-    if cpuinfo is not None:
-      with open(path, 'w', encoding='utf-8') as f:
-        f.write(cpuinfo)
+  def test_bfloat16_needs_native_instructions(self, flags, want):
     onednn._native_bfloat16.cache_clear()
     try:
-      with mock.patch.object(onednn, '_CPUINFO', path):
+      with (
+          _fresh_availability(),
+          mock.patch.object(onednn, '_CPUINFO', _cpuinfo(self, flags)),
+      ):
         self.assertEqual(onednn._native_bfloat16(), want)
         self.assertEqual(onednn.enabled_for(jnp.bfloat16), want)
         self.assertTrue(onednn.enabled_for(jnp.float32))
@@ -136,7 +176,7 @@ class AvailabilityTest(parameterized.TestCase):
       onednn._native_bfloat16.cache_clear()
 
 
-@absltest.skipUnless(_TESTED_HERE, 'oneDNN is used on x86-64 with the tested jaxlib only')
+@absltest.skipUnless(_TESTED_HERE, _SKIP_REASON)
 class ConvTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -223,7 +263,7 @@ _DOTS = (
 )
 
 
-@absltest.skipUnless(_TESTED_HERE, 'oneDNN is used on x86-64 with the tested jaxlib only')
+@absltest.skipUnless(_TESTED_HERE, _SKIP_REASON)
 class DotGeneralTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -260,7 +300,7 @@ class DotGeneralTest(chex.TestCase):
       self.assertEqual(_onednn_calls(fn, a, b), (0, 0))
 
 
-@absltest.skipUnless(_TESTED_HERE, 'oneDNN is used on x86-64 with the tested jaxlib only')
+@absltest.skipUnless(_TESTED_HERE, _SKIP_REASON)
 class StudyNetworkTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
