@@ -27,8 +27,10 @@ Why AVX-512: on AVX2 oneDNN runs a float32 matmul on another kernel
 (``gemm_f32_matmul_t``), and with jaxlib 0.10.2 that one deadlocks: with
 ``ONEDNN_MAX_CPU_ISA=AVX2`` a jitted ``[16, 1024, 128] x [16, 128, 128]``
 matmul hung within 1-7 calls in each of 3 processes (its thread waiting on
-oneDNN's ``parallel``, XLA's pool threads idle; docs/PERFORMANCE.md, session
-21). A small probe cannot catch that: it would hang too, or pass.
+oneDNN's ``parallel``, XLA's pool threads idle), and of three runs of the
+study's training step with this check bypassed, one hung and one died of a
+segmentation fault (docs/PERFORMANCE.md, session 21). A small probe cannot
+catch that: it would hang too, or pass.
 
 bfloat16 operands go to oneDNN too where the CPU has bfloat16 instructions
 (AVX-512 BF16 or AMX, `_BFLOAT16_CPU_FLAGS`): there oneDNN's bfloat16
