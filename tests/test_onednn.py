@@ -31,6 +31,8 @@ _TESTED_HERE = (
     and onednn._avx512_core()
 )
 _SKIP_REASON = 'oneDNN is used on x86-64 CPUs with AVX-512 and the tested jaxlib only'
+# bfloat16 goes to oneDNN where the CPU has bfloat16 instructions.
+_NATIVE_BFLOAT16 = _TESTED_HERE and onednn._native_bfloat16()
 # /proc/cpuinfo's flags line of a CPU with oneDNN's avx512_core.
 _AVX512_CORE = 'fpu avx avx2 avx512f avx512cd avx512bw avx512dq avx512vl'
 
@@ -44,8 +46,6 @@ def _cpuinfo(test: absltest.TestCase, flags: str | None) -> str:
     with open(path, 'w', encoding='utf-8') as f:
       f.write(f'processor\t: 0\nflags\t\t: {flags}\n')
   return path
-# bfloat16 goes to oneDNN where the CPU has bfloat16 instructions.
-_NATIVE_BFLOAT16 = _TESTED_HERE and onednn._native_bfloat16()
 
 
 @contextlib.contextmanager
