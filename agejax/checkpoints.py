@@ -227,8 +227,13 @@ def _restore(
 
   The check reads only the checkpoint's metadata: restoring into a tree of
   other paths, shapes or dtypes would fail, pad or cast halfway through
-  reading arrays.
+  reading arrays. Leaves of ``abstract`` without a sharding land on this
+  process's first device: Orbax would otherwise use the sharding saved with
+  the checkpoint, which names the devices of the machine that wrote it, and
+  refuse a checkpoint written on more devices (a TPU v2-8's FER weights
+  transferred on a CPU).
   """
+  abstract = _placed(abstract)
   try:
     saved = manager.item_metadata(step)[item]
     misfits = _misfits(getattr(saved, 'tree', saved), abstract)
@@ -248,6 +253,17 @@ def _restore(
   except Exception as e:  # Orbax and TensorStore raise many types here.
     raise _unreadable(where, step, e) from e
   return restored[item]
+
+
+def _placed(abstract: Any) -> Any:
+  """``abstract`` with every leaf that has no sharding put on the first local device."""
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(
+      lambda leaf: leaf
+      if leaf.sharding is not None
+      else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+      abstract,
+  )
 
 
 def best_dir(path: str | pathlib.Path) -> pathlib.Path:
@@ -284,8 +300,9 @@ def load_variables(
   Args:
     path: A run directory, or its ``checkpoints/best`` folder.
     abstract_fn: Builds the abstract target (`jax.ShapeDtypeStruct` leaves,
-      optionally with shardings) from the checkpoint's metadata, typically by
-      `jax.eval_shape` of the model's init for ``meta['model']``.
+      optionally with shardings; without, on the first local device) from the
+      checkpoint's metadata, typically by `jax.eval_shape` of the model's init
+      for ``meta['model']``.
   """
   directory = best_dir(path)
   meta = load_meta(directory)

@@ -1,7 +1,8 @@
-"""Data-parallel training over 8 (simulated CPU) devices, or over 2 hosts, equals 1 device.
+"""Data-parallel training over 8 (simulated CPU) devices, or over 2 hosts, equals 1 device;
+checkpoints move between device layouts.
 
-XLA fixes the number of host devices when JAX starts, so the comparison runs
-in a subprocess started with ``--xla_force_host_platform_device_count=8``.
+XLA fixes the number of host devices when JAX starts, so each case runs in a
+subprocess started with ``--xla_force_host_platform_device_count``.
 """
 
 import json
@@ -135,6 +136,57 @@ _HOST_SCRIPT = textwrap.dedent("""
     history = [{k: v for k, v in h.items() if k != 'seconds'} for h in results['history']]
     print('RESULTS', json.dumps({'test': results['test'], 'history': history}))
 """)
+
+
+_SAVE_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from agejax import checkpoints, config, parallel, steps, train
+    model = config.ModelConfig(num_classes=7, conv_filters=((4, 4),), dense_units=(8,))
+    variables = steps.init_variables(jax.random.key(5), model.build(), model.input_shape)
+    run = checkpoints.RunCheckpoints(sys.argv[1] + '/checkpoints')
+    run.save_best(1, parallel.replicate(variables, parallel.data_mesh()),
+                  {'model': train.config_dict(model), 'epoch': 1})
+    run.wait()
+    run.close()
+    np.savez(sys.argv[1] + '/saved.npz', *jax.tree.leaves(jax.device_get(variables)))
+    print('saved on', jax.device_count(), 'devices')
+""")
+
+_TRANSFER_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    from agejax import config, train
+    model = config.ModelConfig(num_classes=7, conv_filters=((4, 4),), dense_units=(8,))
+    variables, report = train.initial_variables(
+        config.TrainConfig(model=model, init_from=sys.argv[1]), log=lambda line: None)
+    saved = np.load(sys.argv[1] + '/saved.npz')
+    for i, leaf in enumerate(jax.tree.leaves(jax.device_get(variables))):
+      np.testing.assert_array_equal(leaf, saved[f'arr_{i}'])
+    print('loaded on', jax.device_count(), 'devices:', len(report.loaded), 'arrays')
+""")
+
+
+def _run_on(devices: int, script: str, *args: str) -> str:
+  """Runs ``script`` on ``devices`` CPU devices; its stdout."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  result = subprocess.run([sys.executable, '-c', script, *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+  if result.returncode:
+    raise AssertionError(result.stderr[-3000:])
+  return result.stdout
+
+
+class CheckpointAcrossDevicesTest(parameterized.TestCase):
+  """A checkpoint written on one device layout transfers on another."""
+
+  @parameterized.parameters((8, 1), (1, 8))
+  def test_transfer_from_a_checkpoint_saved_on_other_devices(self, saved_on, loaded_on):
+    with tempfile.TemporaryDirectory() as tmp:
+      self.assertIn(f'saved on {saved_on} devices', _run_on(saved_on, _SAVE_SCRIPT, tmp))
+      self.assertIn(f'loaded on {loaded_on} devices',
+                    _run_on(loaded_on, _TRANSFER_SCRIPT, tmp))
 
 
 def _free_port() -> int:
