@@ -3,9 +3,11 @@
 Age estimation is posed as classification. Two label spaces are used:
 
 * **Age classes** (``NUM_AGE_CLASSES = 100``): class ``i`` is the age of
-  ``i`` completed years, ``0..99``. `age_to_class` maps any older age to 99,
-  but the study's splits drop UTKFace's faces older than 99 (it runs to 116)
-  before that (`agejax.data.splits.filter_max_age`).
+  ``i`` completed years, ``0..99``, so an age is its own class.
+  `age_to_class` maps other ages into that range (any older age to 99), for
+  data whose ages are fractional or unbounded; the study's splits instead drop
+  UTKFace's faces older than 99 (it runs to 116,
+  `agejax.data.cleaning.filter_max_age`).
 * **Study ranges** (``NUM_RANGES = 11``): the inclusive integer ranges
   0-2, 3-5, 6-9, 10-12, 13-17, 18-24, 25-34, 35-44, 45-54, 55-64 and the
   open-ended 65+, used by the study's 11-range variant.
@@ -59,21 +61,6 @@ def age_to_class(ages: jax.Array, num_classes: int = NUM_AGE_CLASSES) -> jax.Arr
     raise ValueError(f"num_classes must be a Python int >= 1, got {num_classes!r}.")
   ages = jnp.asarray(ages)
   return jnp.clip(ages, 0, num_classes - 1).astype(jnp.int32)
-
-
-def class_to_age(classes: jax.Array) -> jax.Array:
-  """Maps age classes back to the age in years each class stands for.
-
-  Class ``i`` stands for age ``i`` (the last class is the lower bound of the
-  ages it absorbs), so this is the identity on values, cast to ``int32``.
-
-  Args:
-    classes: Integer class indices, any shape.
-
-  Returns:
-    ``int32`` ages with the shape of ``classes``.
-  """
-  return jnp.asarray(classes).astype(jnp.int32)
 
 
 def age_to_range(ages: jax.Array) -> jax.Array:

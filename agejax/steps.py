@@ -181,9 +181,8 @@ def _train_step(
         label_smoothing=config.label_smoothing,
         class_weights=class_weights,
     )
-    loss_sum = jnp.sum(per_example * mask)
-    return loss_sum / jnp.maximum(jnp.sum(mask), 1.0), (
-        loss_sum,
+    return losses.masked_mean(per_example, mask), (
+        jnp.sum(per_example * mask),
         logits,
         updates,
     )
@@ -303,25 +302,25 @@ def eval_step(
   num_classes = logits.shape[-1]
   labels = batch['label']
   mask = batch['mask']
-  maskf = mask.astype(jnp.float32)
   probs = jax.nn.softmax(logits)
   values = _class_values(config, num_classes)
   true_age = (
       batch['age'].astype(jnp.float32) if 'age' in batch else values[labels]
   )
-  preds = jnp.argmax(logits, -1)
+  preds = metrics.decode_argmax(logits)
   decoded = {
       'argmax': values[preds],
-      'expected': probs @ values,
+      'expected': metrics.decode_expected(probs, values),
       'median': values[metrics.decode_median(probs)],
   }
+  per_example_loss = losses.softmax_cross_entropy(logits, labels)
   out = {
-      'loss_sum': jnp.sum(losses.softmax_cross_entropy(logits, labels) * maskf),
-      'count': jnp.sum(maskf),
+      'loss_sum': jnp.sum(jnp.where(mask, per_example_loss, 0.0)),
+      'count': metrics.valid_count(labels, mask),
       'confusion': metrics.confusion_matrix(labels, preds, num_classes, mask),
   }
   for name, age in decoded.items():
-    out[f'abs_err_{name}'] = jnp.sum(jnp.abs(age - true_age) * maskf)
+    out[f'abs_err_{name}'] = metrics.abs_error_sum(true_age, age, mask)
   return out
 
 
@@ -341,8 +340,8 @@ def predict_step(
   logits = _eval_logits(state, batch)
   values = _class_values(config, logits.shape[-1])
   return {
-      'pred': jnp.argmax(logits, -1).astype(jnp.int32),
-      'expected': jax.nn.softmax(logits) @ values,
+      'pred': metrics.decode_argmax(logits),
+      'expected': metrics.decode_expected(jax.nn.softmax(logits), values),
   }
 
 
