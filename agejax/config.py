@@ -130,9 +130,11 @@ class TrainConfig:
     dont_load: Parameter-path regexes never copied on transfer.
     select_metric: Validation metric that picks the best checkpoint.
     select_mode: 'max' or 'min' for ``select_metric``.
-    epoch_mode: 'scan' runs an epoch as one compiled program, 'loop' calls a
-      jitted step per batch with a progress bar, 'auto' picks scan on
-      accelerators and loop on CPU (as fast there, and it shows progress).
+    epoch_mode: 'scan' runs an epoch as one compiled program, the training
+      set held on every device; 'loop' calls a jitted step per batch with a
+      progress bar; 'auto' picks loop on CPU (as fast there, and it shows
+      progress) and, on accelerators, scan when the training set takes at
+      most a quarter of a device's memory (`agejax.train.resolve_epoch_mode`).
     history_metrics: Validation scores logged each epoch and kept in the
       run's history (see `agejax.evaluate.summarize` for the names).
   """

@@ -275,9 +275,11 @@ def train_and_evaluate(
   state = parallel.replicate(state, mesh)
 
   train = data['train']
-  epoch_mode = config.epoch_mode
-  if epoch_mode == 'auto':
-    epoch_mode = 'loop' if jax.default_backend() == 'cpu' else 'scan'
+  train_bytes = train['image'].nbytes + train['label'].nbytes
+  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+  epoch_mode = resolve_epoch_mode(config.epoch_mode, train_bytes, local[0])
+  if config.epoch_mode == 'auto':
+    log(f'Epochs: {epoch_mode} (training set {train_bytes / 2**20:.1f} MiB).')
   if epoch_mode == 'scan':
     on_device = parallel.replicate(
         {'image': train['image'], 'label': train['label']}, mesh
@@ -396,6 +398,32 @@ def train_and_evaluate(
       )
   run_logging.write_json(workdir / 'results.json', results)
   return results
+
+
+# 'auto' keeps the training set on every device for a scanned epoch only
+# while it takes at most this share of a device's memory; the rest is for
+# the train state and the steps' activations.
+_SCAN_MAX_MEMORY_SHARE = 0.25
+
+
+def resolve_epoch_mode(mode: str, train_bytes: int, device: jax.Device) -> str:
+  """The epoch mode ``mode`` stands for, on a mesh of devices like ``device``.
+
+  'scan' and 'loop' stand for themselves. 'auto' is 'loop' on CPU (as fast
+  there, and it shows progress); elsewhere 'scan' when the training set
+  (``train_bytes``), which a scanned epoch holds on every device, takes at
+  most a quarter of the device's memory (its ``bytes_limit``, the same on
+  every host of a run, so that all of them choose alike), else 'loop'. A
+  device that reports no memory limit is taken to have room.
+  """
+  if mode != 'auto':
+    return mode
+  if device.platform == 'cpu':
+    return 'loop'
+  limit = (device.memory_stats() or {}).get('bytes_limit')
+  if limit is None or train_bytes <= _SCAN_MAX_MEMORY_SHARE * limit:
+    return 'scan'
+  return 'loop'
 
 
 def _check_score_names(

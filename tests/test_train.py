@@ -301,6 +301,42 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       self.assertFalse((pathlib.Path(tmp) / 'metrics.jsonl').exists())
 
 
+class _Device:
+  """The part of a `jax.Device` that `train.resolve_epoch_mode` reads."""
+
+  def __init__(self, platform, bytes_limit=None):
+    self.platform = platform
+    self._stats = None if bytes_limit is None else {'bytes_limit': bytes_limit}
+
+  def memory_stats(self):
+    return self._stats
+
+
+class ResolveEpochModeTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('scan_is_scan', 'scan', 'cpu', None, 10**9, 'scan'),
+      ('loop_is_loop', 'loop', 'tpu', 16 * 2**30, 1, 'loop'),
+      ('auto_on_cpu_loops', 'auto', 'cpu', None, 1, 'loop'),
+      ('auto_scans_a_quarter', 'auto', 'tpu', 16 * 2**30, 4 * 2**30, 'scan'),
+      ('auto_loops_beyond_a_quarter', 'auto', 'gpu', 16 * 2**30, 4 * 2**30 + 1, 'loop'),
+      ('auto_scans_without_a_limit', 'auto', 'gpu', None, 10**12, 'scan'),
+  )
+  def test_modes(self, mode, platform, bytes_limit, train_bytes, want):
+    device = _Device(platform, bytes_limit)
+    self.assertEqual(train.resolve_epoch_mode(mode, train_bytes, device), want)
+
+  def test_auto_logs_its_choice(self):
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+      train.train_and_evaluate(
+          _config(epoch_mode='auto', stages=(config.StageConfig('s', 1, 1e-3),)),
+          _data(), tmp, log=lines.append, show_progress=False,
+      )
+    # 128 faces of 48 x 48 x 1 bytes and 128 int32 labels.
+    self.assertIn('Epochs: loop (training set 0.3 MiB).', lines)
+
+
 class CompilationTest(absltest.TestCase):
 
   def test_each_stage_compiles_its_steps_once_per_process(self):
