@@ -276,6 +276,26 @@ def _warn_skipped(dataset: str, load_report: dict[str, Any]) -> None:
         dataset, len(unparseable), unparseable[:3])
 
 
+# UTKFace's split and the age task's labels and balancing: FER2013 keeps its
+# own splits and its 7 classes, so FER pretraining has no use for them.
+AGE_DATA_FLAGS = (
+    'protocol', 'near_duplicates', 'labels', 'undersample_age', 'undersample_n', 'class_cap',
+)
+
+
+def warn_unused(names: tuple[str, ...], program: str) -> list[str]:
+  """Logs a warning naming those of the flags ``names`` given on the command line.
+
+  For flags every experiment defines (e.g. passed to every run of a study by
+  `experiments.run_study --extra_flags`) that ``program`` does not use.
+  Returns them, as ``--name``.
+  """
+  given = [f'--{name}' for name in names if FLAGS[name].present]
+  if given:
+    logging.warning('%s ignores %s: flags it has no use for.', program, ', '.join(given))
+  return given
+
+
 def fer_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
   """FER splits (train / validation / test) as the flags select, and a report."""
   report: dict[str, Any] = {'data': FLAGS.data}
@@ -326,7 +346,7 @@ def age_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
 # The parts of a run's data report that say which faces it trains and is
 # scored on (not where the files were read from).
 _DATA_IDENTITY = (
-    'data', 'split_seed', 'synthetic', 'split', 'train_before_balancing',
+    'data', 'split_seed', 'synthetic', 'split', 'balancing', 'train_before_balancing',
     'train_after_balancing', 'train_truncated_to',
 )
 
@@ -344,7 +364,8 @@ def write_data_report(workdir: str, report: dict[str, Any]) -> None:
   except ValueError as e:
     raise app.UsageError(
         f'{e} Resume the run with its own data flags (--data, --protocol, --near_duplicates, --split_seed,'
-        ' --undersample_age/_n, --class_cap, --max_train_examples, --synthetic_train/_eval),'
+        ' --labels, --undersample_age/_n, --class_cap, --max_train_examples,'
+        ' --synthetic_train/_eval),'
         ' or choose a new --workdir.'
     ) from e
 
@@ -357,7 +378,17 @@ def _balance(splits: dict[str, dict[str, np.ndarray]], report: dict[str, Any]) -
   """
   train = splits['train']
   before = len(train['label'])
-  if FLAGS.undersample_age is not None and FLAGS.undersample_n:
+  undersampled = FLAGS.undersample_age is not None and FLAGS.undersample_n
+  # What was done, not only the sizes: another age undersampled by as many
+  # images leaves the same sizes and other faces.
+  report['balancing'] = {
+      'labels': FLAGS.labels,
+      'undersample': (
+          {'age': FLAGS.undersample_age, 'n': FLAGS.undersample_n} if undersampled else None
+      ),
+      'class_cap': FLAGS.class_cap or None,
+  }
+  if undersampled:
     train = balance.undersample(
         train, label=FLAGS.undersample_age, n_remove=FLAGS.undersample_n, seed=FLAGS.split_seed
     )

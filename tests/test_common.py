@@ -54,9 +54,6 @@ class TrainConfigTest(parameterized.TestCase):
     self.assertEqual(_train_config(task, args, num_classes), expected)
 
 
-if __name__ == '__main__':
-  absltest.main()
-
 
 _DATA_REPORT_SCRIPT = """
 import json, sys
@@ -105,6 +102,19 @@ class DataReportTest(parameterized.TestCase):
     self.assertEqual(first, 'ok')
     self.assertRegex(second, rf'records other inputs \(.*{key}.*differ\)')
 
+  def test_undersampling_another_age_as_much_is_refused(self):
+    # The same sizes before and after balancing, but other faces.
+    with tempfile.TemporaryDirectory() as tmp:
+      first, second = _write_data_report(
+          'age', tmp,
+          ['--undersample_age=15', '--undersample_n=1'],
+          ['--undersample_age=16', '--undersample_n=1'],
+      )
+      saved = json.loads((pathlib.Path(tmp) / 'data_report.json').read_text())
+    self.assertEqual(first, 'ok')
+    self.assertRegex(second, r'records other inputs \(balancing differ\)')
+    self.assertEqual(saved['balancing']['undersample'], {'age': 15, 'n': 1})
+
 
 _CAP_SCRIPT = """
 import json
@@ -124,6 +134,26 @@ class ClassCapTest(absltest.TestCase):
     counts = _run_script(_CAP_SCRIPT)
     self.assertLessEqual(max(counts), 5)
     self.assertEqual(max(counts), 5)  # some range had more than the cap
+
+
+_UNUSED_SCRIPT = """
+import json, sys
+from absl import flags
+from experiments import common
+flags.FLAGS(['prog', *json.loads(sys.argv[1])])
+print(json.dumps(common.warn_unused(common.AGE_DATA_FLAGS, 'pretrain_fer')))
+"""
+
+
+class WarnUnusedTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('none', ['--data=real', '--class_weights'], []),
+      ('age_data_flags', ['--class_cap=5', '--seed=2', '--protocol=paper', '--labels=ages'],
+       ['--protocol', '--labels', '--class_cap']),
+  )
+  def test_names_the_age_data_flags_given(self, args, want):
+    self.assertEqual(_run_script(_UNUSED_SCRIPT, json.dumps(args)), want)
 
 
 _STAGES_SCRIPT = """
@@ -245,3 +275,7 @@ class ParseStagesTest(parameterized.TestCase):
       self.assertIn(want[1], got[1])
     else:
       self.assertEqual(got, want)
+
+
+if __name__ == '__main__':
+  absltest.main()
