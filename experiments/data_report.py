@@ -23,7 +23,7 @@ from agejax.data import splits as splits_lib
 from agejax.data import utk_face
 # Defines --manual_dir, --tfds_data_dir, --protocol, --near_duplicates and --split_seed, as for
 # training.
-from experiments import common  # pylint: disable=unused-import
+from experiments import common
 
 _OUT_DIR = flags.DEFINE_string('out_dir', 'outputs/data_report', 'Where to write PNG and JSON.')
 _MAX_AGE = flags.DEFINE_integer('max_age', 99, 'Largest age kept (classes 0..max_age).')
@@ -55,8 +55,10 @@ def plot_age_boxplot(split_ages: dict[str, np.ndarray], path: str) -> None:
 
 
 def main(argv):
-  del argv
-  arrays, prepare_report = utk_face.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  with common.user_errors():
+    arrays, prepare_report = utk_face.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
   splits, split_report = splits_lib.make_splits(
       arrays, protocol=FLAGS.protocol, seed=FLAGS.split_seed, max_age=_MAX_AGE.value,
       near_duplicates=FLAGS.near_duplicates)

@@ -180,6 +180,8 @@ def _read_json(path: pathlib.Path) -> Any:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ReportError(f'{path} is not valid JSON ({e}). {_fix_hint(path)}') from e
+  except OSError as e:
+    raise ReportError(f'{path} is unreadable ({e}). {_fix_hint(path)}') from e
 
 
 def _require(mapping: Any, keys: Sequence[str], path: pathlib.Path, where: str) -> None:
@@ -488,7 +490,7 @@ def read_predictions(run: Run, split: str = 'test') -> dict[str, np.ndarray] | N
     with np.load(path) as saved:
       return {k: saved[k] for k in saved.files}
   except (OSError, ValueError) as e:
-    raise ValueError(f'{path} is unreadable ({e}). {_fix_hint(path)}') from e
+    raise ReportError(f'{path} is unreadable ({e}). {_fix_hint(path)}') from e
 
 
 def per_example_scores(predictions: Mapping[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
@@ -796,6 +798,9 @@ def commands_section(study: Study, options: Options) -> str:
       'python -m experiments.report ' + ' '.join(plan.study_flags())
       + f' --out={options.out_dir} --figures={",".join(options.figures)}'
       + (f' --discussion={options.discussion_file}' if options.discussion_file else '')
+      + (f' --schedule_note={shlex.quote(options.schedule_note)}' if options.schedule_note else '')
+      + (f' --detail_protocol={options.detail_protocol}'
+         if options.detail_protocol != Options.detail_protocol else '')
       + f' --hardware_note={shlex.quote(options.hardware_note)}'
   )
   return '\n'.join([
@@ -1059,8 +1064,11 @@ def main(argv):
       discussion=_read_discussion(FLAGS.discussion),
       discussion_file=FLAGS.discussion or '',
   )
-  study = load_study(runs_dir)
-  path = write_report(study, FLAGS.out, options)
+  try:
+    study = load_study(runs_dir)
+    path = write_report(study, FLAGS.out, options)
+  except ReportError as e:  # its message names the file and what to do
+    raise SystemExit(f'Error: {e}') from e
   print(f'Wrote {path} ({len(study.runs)} finished runs, {len(study.unfinished)} unfinished).')
 
 

@@ -3,6 +3,8 @@
 import json
 import pathlib
 import re
+import subprocess
+import sys
 import tempfile
 
 from absl.testing import absltest
@@ -12,6 +14,8 @@ import numpy as np
 from agejax import ages
 from experiments import report
 from experiments import run_study
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _CS_KS = range(11)
 
@@ -110,6 +114,17 @@ class ReportTest(parameterized.TestCase):
   def tearDownClass(cls):
     cls._tmp.cleanup()
     super().tearDownClass()
+
+  @parameterized.named_parameters(
+      ('defaults', {}, ' --hardware_note=box'),
+      ('notes_and_protocol', {'schedule_note': 'short runs', 'detail_protocol': 'paper'},
+       " --schedule_note='short runs' --detail_protocol=paper --hardware_note=box"),
+  )
+  def test_report_command_gives_back_its_options(self, options, flags_tail):
+    section = report.commands_section(
+        self.study, report.Options(hardware_note='box', figures=('fc1',), **options))
+    (line,) = [l for l in section.splitlines() if 'python -m experiments.report' in l]
+    self.assertTrue(line.endswith(' --out=docs --figures=fc1' + flags_tail), line)
 
   def test_finds_finished_and_unfinished_runs(self):
     self.assertCountEqual(
@@ -385,6 +400,29 @@ class MalformedRunTest(parameterized.TestCase):
       with self.assertRaisesRegex(report.ReportError, re.escape(message)) as ctx:
         report.load_study(tmp)
       self.assertIn(str(run / 'results.json'), str(ctx.exception))
+
+  def test_unreadable_results_names_file(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      _write_run(pathlib.Path(tmp), 'dedup/fc1', _results(ages.NUM_RANGES, 0.5))
+      results = pathlib.Path(tmp) / 'dedup' / 'fc1' / 'results.json'
+      results.unlink()
+      results.mkdir()  # reading it raises IsADirectoryError, an OSError
+      with self.assertRaisesRegex(report.ReportError, 'is unreadable') as ctx:
+        report.load_study(tmp)
+      self.assertIn(str(results), str(ctx.exception))
+
+  def test_program_prints_the_message_without_a_traceback(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      _write_run(pathlib.Path(tmp), 'dedup/fc1', _results(ages.NUM_RANGES, 0.5))
+      results = pathlib.Path(tmp) / 'dedup' / 'fc1' / 'results.json'
+      results.write_text('{')
+      done = subprocess.run(
+          [sys.executable, '-m', 'experiments.report', f'--root={tmp}', f'--out={tmp}/out'],
+          cwd=_ROOT, capture_output=True, text=True, check=False,
+      )
+    self.assertEqual(done.returncode, 1)
+    self.assertNotIn('Traceback', done.stderr)
+    self.assertIn(f'Error: {results} is not valid JSON', done.stderr)
 
   def test_malformed_config_names_file(self):
     with tempfile.TemporaryDirectory() as tmp:
