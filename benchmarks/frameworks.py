@@ -55,6 +55,7 @@ FRAMEWORKS = (
     'agejax-matmul',
     'agejax-ynnpack',
     'torch',
+    'torch-compile',
     'keras',
 )
 
@@ -172,22 +173,29 @@ def _agejax_builder(variant: str, scan_batches: int) -> StepBuilder:
   return build
 
 
-def _torch_builder() -> StepBuilder:
-  """PyTorch eager, channels_last, Adam, the same network; on CUDA if available."""
+def _torch_builder(compiled: bool) -> StepBuilder:
+  """PyTorch, channels_last, Adam, the same network; on CUDA if available.
+
+  Eager, or with ``compiled`` the network's forward (and so its backward)
+  through ``torch.compile`` (Inductor; one static graph per batch size and
+  mode, compiled in the untimed warmup). BatchNorm as in agejax and Keras:
+  epsilon 1e-3, running statistics decaying by 0.99.
+  """
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
 
+  batch_norm = {'eps': 1e-3, 'momentum': 0.01}
   layers: list[nn.Module] = []
   cin = IMAGE_SHAPE[2]
   for block in CONV_FILTERS:
     for cout in block:
-      layers += [nn.Conv2d(cin, cout, 3), nn.ReLU(), nn.BatchNorm2d(cout)]
+      layers += [nn.Conv2d(cin, cout, 3), nn.ReLU(), nn.BatchNorm2d(cout, **batch_norm)]
       cin = cout
     layers += [nn.MaxPool2d(2), nn.Dropout(0.25)]
   layers.append(nn.Flatten())
   fin = 1024
   for units in DENSE_UNITS:
-    layers += [nn.Linear(fin, units), nn.ReLU(), nn.BatchNorm1d(units)]
+    layers += [nn.Linear(fin, units), nn.ReLU(), nn.BatchNorm1d(units, **batch_norm)]
     layers.append(nn.Dropout(0.5))
     fin = units
   layers.append(nn.Linear(fin, NUM_CLASSES))
@@ -197,6 +205,7 @@ def _torch_builder() -> StepBuilder:
       b.numel() for n, b in model.named_buffers() if 'running' in n
   )
   _check_params('torch', n_params)
+  forward = torch.compile(model, dynamic=False) if compiled else model
   opt = torch.optim.Adam(model.parameters(), lr=1e-3)
   loss_fn = nn.CrossEntropyLoss()
 
@@ -215,7 +224,7 @@ def _torch_builder() -> StepBuilder:
       def run() -> None:
         model.train()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x.float() / 255.0), y)
+        loss = loss_fn(forward(x.float() / 255.0), y)
         loss.backward()
         opt.step()
         if device.type == 'cuda':
@@ -226,7 +235,7 @@ def _torch_builder() -> StepBuilder:
       def run() -> None:
         model.eval()
         with torch.inference_mode():
-          logits = model(x.float() / 255.0)
+          logits = forward(x.float() / 255.0)
           loss_fn(logits, y).item()
           (logits.argmax(-1) == y).sum().item()
 
@@ -240,6 +249,7 @@ def _keras_builder() -> StepBuilder:
   os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import keras  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   layers: list[Any] = [
       keras.Input(IMAGE_SHAPE),
@@ -263,7 +273,7 @@ def _keras_builder() -> StepBuilder:
   model = keras.Sequential(layers)
   _check_params('keras', model.count_params())
   model.compile(
-      optimizer=keras.optimizers.Adam(1e-3),
+      optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-8),  # optax's and torch's
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
       metrics=['accuracy'],
       jit_compile=False,
@@ -271,7 +281,8 @@ def _keras_builder() -> StepBuilder:
 
   def build(case: Case) -> tuple[Callable[[], None], int]:
     mode, batch_size = case
-    images, labels = _random_batch(batch_size)
+    # Tensors before timing, as the other frameworks' batches are on device.
+    images, labels = (tf.convert_to_tensor(a) for a in _random_batch(batch_size))
     if mode == 'train':
       return lambda: model.train_on_batch(images, labels), 1
     return lambda: model.test_on_batch(images, labels), 1
@@ -289,8 +300,8 @@ def _check_params(name: str, n_params: int) -> None:
 def _builder(framework: str, scan_batches: int) -> StepBuilder:
   if framework.startswith('agejax-'):
     return _agejax_builder(framework.removeprefix('agejax-'), scan_batches)
-  if framework == 'torch':
-    return _torch_builder()
+  if framework in ('torch', 'torch-compile'):
+    return _torch_builder(compiled=framework == 'torch-compile')
   if framework == 'keras':
     return _keras_builder()
   raise ValueError(f'Unknown framework {framework!r}; expected {FRAMEWORKS}.')
