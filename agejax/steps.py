@@ -181,8 +181,9 @@ def _train_step(
         label_smoothing=config.label_smoothing,
         class_weights=class_weights,
     )
-    return losses.masked_mean(per_example, mask), (
-        jnp.sum(per_example * mask),
+    loss_sum = jnp.sum(per_example * mask)
+    return loss_sum / jnp.maximum(jnp.sum(mask), 1.0), (
+        loss_sum,
         logits,
         updates,
     )
