@@ -276,8 +276,7 @@ def train_and_evaluate(
 
   train = data['train']
   train_bytes = train['image'].nbytes + train['label'].nbytes
-  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-  epoch_mode = resolve_epoch_mode(config.epoch_mode, train_bytes, local[0])
+  epoch_mode = resolve_epoch_mode(config.epoch_mode, train_bytes, mesh.local_devices[0])
   if config.epoch_mode == 'auto':
     log(f'Epochs: {epoch_mode} (training set {train_bytes / 2**20:.1f} MiB).')
   if epoch_mode == 'scan':

@@ -18,6 +18,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
+def _cpu_env(devices: int) -> dict[str, str]:
+  """This process's environment, for a JAX subprocess on ``devices`` CPU devices."""
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
 _SCRIPT = textwrap.dedent("""
     import jax, numpy as np, optax
     from agejax import augment, batching, config, evaluate, freezing, parallel, steps, synthetic
@@ -102,11 +108,9 @@ class DataParallelTest(parameterized.TestCase):
 
   @parameterized.parameters('gradients', 'loop', 'scan')
   def test_eight_devices_train_like_one(self, mode):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-               JAX_PLATFORMS='cpu')
     result = subprocess.run(
         [sys.executable, '-c', _SCRIPT.replace('MODE', repr(mode))],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True, text=True, env=_cpu_env(8), timeout=600,
     )
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertIn('8 devices match 1', result.stdout)
@@ -169,10 +173,8 @@ _TRANSFER_SCRIPT = textwrap.dedent("""
 
 def _run_on(devices: int, script: str, *args: str) -> str:
   """Runs ``script`` on ``devices`` CPU devices; its stdout."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   result = subprocess.run([sys.executable, '-c', script, *args],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=_cpu_env(devices), timeout=600)
   if result.returncode:
     raise AssertionError(result.stderr[-3000:])
   return result.stdout
@@ -199,11 +201,9 @@ class MultiHostTest(absltest.TestCase):
   """Two processes (hosts) of two CPU devices each train like one process of four."""
 
   def _start(self, process, port, workdir, devices):
-    env = dict(os.environ, JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
     return subprocess.Popen(
         [sys.executable, '-c', _HOST_SCRIPT, str(process), str(port), workdir],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cpu_env(devices),
     )
 
   def _results(self, proc):
