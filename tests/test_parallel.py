@@ -201,10 +201,12 @@ class MultiHostTest(absltest.TestCase):
   """Two processes (hosts) of two CPU devices each train like one process of four."""
 
   def _start(self, process, port, workdir, devices):
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, '-c', _HOST_SCRIPT, str(process), str(port), workdir],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cpu_env(devices),
     )
+    self.addCleanup(proc.kill)  # no process outlives a failed assertion
+    return proc
 
   def _results(self, proc):
     out, err = proc.communicate(timeout=600)
@@ -217,8 +219,9 @@ class MultiHostTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       port = _free_port()
       hosts = [self._start(p, port, f'{tmp}/hosts', devices=2) for p in (0, 1)]
+      single = self._start(0, 'none', f'{tmp}/one', devices=4)
       host_results = [self._results(h) for h in hosts]
-      one = self._results(self._start(0, 'none', f'{tmp}/one', devices=4))
+      one = self._results(single)
       run = pathlib.Path(tmp) / 'hosts'
       self.assertLen(list((run / 'tensorboard').iterdir()), 1)  # process 0 writes alone
       with np.load(run / 'predictions_test.npz') as saved:
