@@ -5,7 +5,8 @@ whenever YNNPACK accepts it, and on the study's layers YNNPACK runs the
 forward and kernel-gradient convolutions 2-3x below what Eigen (XLA:CPU's
 other convolution kernel) reaches; and it expands the ``select_and_scatter``
 that differentiates max-pooling into iotas, reduce-windows and a scatter, ~10x
-slower than elementwise code. See docs/PERFORMANCE.md for the measurements.
+slower than elementwise code. See docs/PERFORMANCE.md for the
+summary, docs/performance_log.md for each measurement.
 
 `matmul_conv_general_dilated` is a drop-in replacement for
 ``lax.conv_general_dilated`` (same signature, same values to float32
@@ -44,9 +45,9 @@ where `agejax.onednn` is enabled for its dtype, XLA's dot otherwise.
 
 On the study's network oneDNN's kernels make the float32 training step
 1.16-1.19x faster than XLA's, and the bfloat16 one 1.51-1.56x
-(docs/PERFORMANCE.md, session 14), and the
+(docs/performance_log.md, session 14), and the
 Winograd paths 1.2-1.6x faster, with or without the freed-memory reuse that
-`agejax.host_malloc` arranges (docs/PERFORMANCE.md); its 46x46x32 layer,
+`agejax.host_malloc` arranges (docs/performance_log.md); its 46x46x32 layer,
 too thin for Winograd, takes the Eigen and chunked im2col paths. Winograd's
 16 transformed tiles are stacked four by four, a shape XLA:CPU fuses into
 one loop.
@@ -111,7 +112,7 @@ _dot_general = onednn.dot_general
 # From this batch size up, XLA:CPU's fused YNNPACK inference graph (``lax``
 # convolutions and ``reduce_window`` pooling) beats the Eigen-routed forward:
 # 535-725 vs 459-520 images/s at batch 128-512, but 316-387 vs 477-500 at
-# batch 64 (2-core Zen 4, docs/PERFORMANCE.md).
+# batch 64 (2-core Zen 4, docs/performance_log.md).
 _YNN_INFERENCE_MIN_BATCH = 128
 
 
@@ -421,7 +422,7 @@ def ynnpack_conv_general_dilated(
   its first convolution, whose input has one channel. That one ran alone in
   YNNPACK (11 ms at batch 256), its bias add in a loop of its own (5 ms),
   and its ReLU read a zero tensor written out in full (9 ms;
-  docs/PERFORMANCE.md, sessions 10 and 11). Written as the sum over the
+  docs/performance_log.md, sessions 10 and 11). Written as the sum over the
   kernel's taps of the shifted input times the tap's output-channel
   weights, XLA fuses it with the bias add and `relu_for`'s ReLU into one
   loop. The products and their sum are in float32 or wider (``precision``
@@ -454,7 +455,7 @@ def _shifted_products(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 # Below these sizes the Eigen forward loses to the plain one (measured on a
-# 2-core Zen 4, see docs/PERFORMANCE.md): Eigen is slow with very few input
+# 2-core Zen 4, see docs/performance_log.md): Eigen is slow with very few input
 # channels, and the padded forward wastes ``kh`` of ``ho + kh`` output rows.
 _EIGEN_MIN_IN_CHANNELS = 8
 _EIGEN_FORWARD_MIN_OUT_ROWS = 6
@@ -535,7 +536,7 @@ def _input_grad(w: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
   is taller than its input, so XLA:CPU runs it on Eigen (see `_forward`).
   The swap is done on the kernel here: read as HWOI through the dimension
   numbers instead, as ``lax`` does, the Eigen convolution ran ~5x slower
-  inside the while loop of a scanned epoch (docs/PERFORMANCE.md, session
+  inside the while loop of a scanned epoch (docs/performance_log.md, session
   10).
   """
   kh, kw = w.shape[:2]
@@ -552,7 +553,7 @@ def _input_grad(w: jax.Array, g: jax.Array, precision: Any) -> jax.Array:
 # bfloat16 ones from the NHWC input, since XLA:CPU computes the
 # channel-major stack of bfloat16 slices in float32 and converts the whole
 # input and cotangent before the chunks' loop: the 46x46x32 layer's kernel
-# gradient took 82 ms that way at batch 64, against 42 (docs/PERFORMANCE.md,
+# gradient took 82 ms that way at batch 64, against 42 (docs/performance_log.md,
 # session 13).
 _CHANNEL_MAJOR_PATCH_DTYPES = (jnp.float32,)
 # Chunked float32 kernel gradients of 3-tall kernels by Winograd F(4, 3)
@@ -622,7 +623,7 @@ def _height_winograd_kernel_grad(
   zero-padded to whole tiles. oneDNN reads the patches transposed, so the
   input needs no channel-major copy: on the study's 46x46x32 layer, 18 ms
   at batch 64 against 24 with that copy and channel-major patches
-  (docs/PERFORMANCE.md, session 19). Against float64, it errs by ~2e-6 of
+  (docs/performance_log.md, session 19). Against float64, it errs by ~2e-6 of
   the largest value on that layer, where ``lax``'s own kernel gradient
   errs by ~1.3e-5.
   """
@@ -680,7 +681,7 @@ def _kernel_grad_formulation(
   Large float32 layers with 3-tall kernels take Winograd F(4, 3) along the
   height (`_height_winograd_kernel_grad`): on the study's 46x46x32 layer,
   19-21 ms at batch 64 against 27-28 for Winograd F(2, 3) along the width
-  and 33-36 for im2col (docs/PERFORMANCE.md, session 16). Others take
+  and 33-36 for im2col (docs/performance_log.md, session 16). Others take
   im2col, with channel-major patches in the `_CHANNEL_MAJOR_PATCH_DTYPES`.
   """
   if (
@@ -710,7 +711,7 @@ def _kernel_grad(
   images' product at the end. Channel-major patches transpose the input
   once, for all chunks. The alternatives measured before, Eigen's 3-D
   filter-gradient convolution and one im2col product of the whole batch,
-  took twice as long as im2col (docs/PERFORMANCE.md, session 10).
+  took twice as long as im2col (docs/performance_log.md, session 10).
   """
   cin, cout = x.shape[3], g.shape[3]
   dtype = jnp.result_type(x, g)
@@ -743,7 +744,7 @@ def _kernel_grad(
 # study's 46x46x32 layer the Eigen forward, the transposed convolution and
 # the chunked im2col kernel gradient make the whole training step 8-12 %
 # faster in float32, 10-11 % in bfloat16 (2-core Intel Xeon,
-# docs/PERFORMANCE.md, session 10; a Zen 4 had favoured Winograd there
+# docs/performance_log.md, session 10; a Zen 4 had favoured Winograd there
 # against Eigen's 3-D kernel gradient). Below 6 output rows the padding to
 # whole 2x2 tiles wastes too much of the forward.
 _WINOGRAD_FORWARD_MIN_IN_CHANNELS = 64
@@ -751,10 +752,10 @@ _WINOGRAD_FORWARD_MIN_OUT_ROWS = 6
 _WINOGRAD_BACKWARD_MIN_IN_CHANNELS = 64
 # bfloat16 runs it with bfloat16 tiles (half the memory traffic), float32
 # transforms and float32 accumulation: 1.3-1.9x the bfloat16 training step on
-# ``lax`` convolutions (docs/PERFORMANCE.md).
+# ``lax`` convolutions (docs/performance_log.md).
 _WINOGRAD_DTYPES = (jnp.float32, jnp.bfloat16)
 # In bfloat16, oneDNN's direct convolutions (AMX or AVX-512 BF16) beat
-# Winograd 5-10x per layer (docs/PERFORMANCE.md, session 14).
+# Winograd 5-10x per layer (docs/performance_log.md, session 14).
 _ONEDNN_OVER_WINOGRAD_DTYPES = (jnp.bfloat16,)
 
 
@@ -865,7 +866,7 @@ def _winograd_input_transform(x: jax.Array) -> jax.Array:
   reshape make XLA:CPU's loop compute every element's index by division.
   The forward transforms of the study's second block took 44 ms this way in
   a profile of the training step at batch 256, 75 ms that way
-  (docs/PERFORMANCE.md, session 19).
+  (docs/performance_log.md, session 19).
   """
   n, h, wd, c = x.shape
   th, tw = (h - 2) // 2, (wd - 2) // 2
@@ -885,7 +886,8 @@ def _stack_4x4(groups: Sequence[Sequence[jax.Array]]) -> jax.Array:
 
   XLA:CPU fuses a concatenate of at most 8 operands with the computations
   that produce them; a flat stack of 16 is emitted as a separate copy of
-  every piece, the step's largest elementwise operation (docs/PERFORMANCE.md).
+  every piece, the step's largest elementwise operation
+  (docs/performance_log.md).
   """
   return jnp.stack([jnp.stack(group) for group in groups])
 
@@ -953,7 +955,7 @@ def winograd_conv_valid_vjp(
   Equal to ``jax.vjp`` of `winograd_conv_valid`, whose transpose of the
   tiling XLA:CPU compiles into pads and adds of whole tensors: the study's
   whole training step is up to 1.3x faster with this one
-  (docs/PERFORMANCE.md). Dtypes as in `winograd_conv_valid`: float32
+  (docs/performance_log.md). Dtypes as in `winograd_conv_valid`: float32
   transforms and accumulation, tiles and results in the dtype of ``x``.
   """
   n, h, wd, c = x.shape

@@ -6,7 +6,7 @@ five iterations. XLA:CPU runs each iteration as separate passes over the
 whole array and fuses none of it with the comparison or the select: on the
 study's first block (batch 64, 22x22x64) flax's layer takes ~28 ms, ~5.5 ms
 with the hash written out, and the whole training step 1-3 % less time
-(2-core CPU, docs/PERFORMANCE.md). Here the hash is written in ``jnp``, so
+(2-core CPU, docs/performance_log.md). Here the hash is written in ``jnp``, so
 XLA fuses the counters, the twenty rounds, the comparison and the select
 into one loop.
 
@@ -185,7 +185,7 @@ def _computed_once(mask: jax.Array) -> jax.Array:
   consumers, so the hash and this remainder (of 0 or 1 by 2: the same
   values) run once and the mask is read from memory. On the study's network
   the first block's input-gradient loop takes 6.7 ms instead of 12.0 at
-  batch 64 (2-core Intel Xeon, docs/PERFORMANCE.md, session 13).
+  batch 64 (2-core Intel Xeon, docs/performance_log.md, session 13).
   """
   return lax.rem(mask.astype(jnp.float32), jnp.float32(2)) != 0
 

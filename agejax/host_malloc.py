@@ -5,7 +5,7 @@ glibc serves large requests (and every large request from a worker thread's
 arena) with a fresh ``mmap`` that the kernel backs page by page on first touch
 and unmaps again on ``free``. So every training step page-faults its whole
 working set back in: on the study's network a third of a core, ~20 % of a
-2-core CPU's time, went to the kernel (docs/PERFORMANCE.md). Three modes:
+2-core CPU's time, went to the kernel (docs/performance_log.md). Three modes:
 
 * ``'mimalloc'``, the default where the ``cmeel-mimalloc`` package (an agejax
   dependency on Linux) is installed: the mimalloc allocator, preloaded, told
@@ -18,7 +18,7 @@ working set back in: on the study's network a third of a core, ~20 % of a
   training step has fragmented the heap they wait on it: an evaluation step
   ran ~20 % slower after training than before it; against mimalloc,
   training ran 7-12 % and evaluation after training 25-30 % slower
-  (docs/PERFORMANCE.md, session 11). glibc cannot give each thread an arena
+  (docs/performance_log.md, session 11). glibc cannot give each thread an arena
   of its own without those arenas mapping blocks over 64 MB afresh on every
   call.
 * ``'system'``: the C library's allocator with its default settings.

@@ -1,6 +1,6 @@
 """XLA:CPU's own oneDNN convolution and matmul kernels, called directly.
 
-Why: on the 2-core Intel Xeon of docs/PERFORMANCE.md, oneDNN's
+Why: on the 2-core Intel Xeon of docs/PERFORMANCE.md ("Machine"), oneDNN's
 convolution runs the study's 46x46x32 layer forward in 12 ms and its input
 gradient in 13 ms, where XLA:CPU's Eigen convolution takes 20 and 21; its
 matmul reaches 310-370 GFLOP/s on the products whose operand is read
@@ -29,7 +29,7 @@ Why AVX-512: on AVX2 oneDNN runs a float32 matmul on another kernel
 matmul hung within 1-7 calls in each of 3 processes (its thread waiting on
 oneDNN's ``parallel``, XLA's pool threads idle), and of three runs of the
 study's training step with this check bypassed, one hung and one died of a
-segmentation fault (docs/PERFORMANCE.md, session 21). A small probe cannot
+segmentation fault (docs/performance_log.md, session 21). A small probe cannot
 catch that: it would hang too, or pass.
 
 bfloat16 operands go to oneDNN too where the CPU has bfloat16 instructions

@@ -1,4 +1,4 @@
-"""Microbenchmarks behind agejax.conv's CPU choices (docs/PERFORMANCE.md).
+"""Microbenchmarks behind agejax.conv's CPU choices (docs/performance_log.md).
 
 Why: `agejax.conv` picks, per pass, between plain ``lax`` convolutions and its
 custom-VJP ``'matmul'`` path. These measurements are the evidence for those
@@ -905,7 +905,8 @@ _TRAIN_VARIANTS = {
     # agejax.relu_batch_norm (as shipped until session 12).
     'flax ReLU and BatchNorm': ({model: {'_FUSED_NORM_IMPLS': ()}}, None),
     # Not a choice undone: XLA:CPU's experimental oneDNN fusion of every dot,
-    # measured and not adopted (eval_step aborts under it; PERFORMANCE.md).
+    # measured and not adopted (eval_step aborts under it;
+    # docs/performance_log.md).
     'oneDNN dots': (
         {},
         {

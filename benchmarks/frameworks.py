@@ -20,7 +20,7 @@ spinning threads do not slow the next one.
 Short repeats weigh a slow step heavily: a step that page-faults fresh
 memory in, or one right after another worker has churned memory. Repeats
 of 12 steps (``--steps=12``) measure the steady state of a training run's
-steps back to back (docs/PERFORMANCE.md, session 22).
+steps back to back (docs/performance_log.md, session 22).
 
 Keras and PyTorch are benchmark-only extras (benchmarks/requirements-bench.txt),
 never agejax dependencies. Run from the repository root:

@@ -21,7 +21,7 @@ Two convolutions that round differently can then route a window's gradient
 to different inputs: with oneDNN's first convolution (outputs within 2.4e-7
 of lax's) 2 of the 3.2 million cotangent elements at the 46x46x32 layer's
 output moved, which changed that layer's kernel gradient by 4.6e-3 of its
-largest value (docs/PERFORMANCE.md, session 14). The pooling's own
+largest value (docs/performance_log.md, session 14). The pooling's own
 gradient is exact and tested in tests/test_conv.py and below.
 """
 
