@@ -8,6 +8,7 @@ subprocess started with ``--xla_force_host_platform_device_count``.
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -205,7 +206,9 @@ class MultiHostTest(absltest.TestCase):
         [sys.executable, '-c', _HOST_SCRIPT, str(process), str(port), workdir],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cpu_env(devices),
     )
-    self.addCleanup(proc.kill)  # no process outlives a failed assertion
+    # After a failed assertion: killed and reaped before its directory goes.
+    self.addCleanup(proc.wait)
+    self.addCleanup(proc.kill)
     return proc
 
   def _results(self, proc):
@@ -216,17 +219,18 @@ class MultiHostTest(absltest.TestCase):
     return json.loads(line[0][len('RESULTS '):])
 
   def test_two_hosts_train_like_one(self):
-    with tempfile.TemporaryDirectory() as tmp:
-      port = _free_port()
-      hosts = [self._start(p, port, f'{tmp}/hosts', devices=2) for p in (0, 1)]
-      single = self._start(0, 'none', f'{tmp}/one', devices=4)
-      host_results = [self._results(h) for h in hosts]
-      one = self._results(single)
-      run = pathlib.Path(tmp) / 'hosts'
-      self.assertLen(list((run / 'tensorboard').iterdir()), 1)  # process 0 writes alone
-      with np.load(run / 'predictions_test.npz') as saved:
-        self.assertEqual(saved['pred'].shape, (24,))
-      self.assertEqual(json.loads((run / 'results.json').read_text())['test']['count'], 24)
+    tmp = tempfile.mkdtemp()
+    self.addCleanup(shutil.rmtree, tmp)  # after the processes' cleanups, registered later
+    port = _free_port()
+    hosts = [self._start(p, port, f'{tmp}/hosts', devices=2) for p in (0, 1)]
+    single = self._start(0, 'none', f'{tmp}/one', devices=4)
+    host_results = [self._results(h) for h in hosts]
+    one = self._results(single)
+    run = pathlib.Path(tmp) / 'hosts'
+    self.assertLen(list((run / 'tensorboard').iterdir()), 1)  # process 0 writes alone
+    with np.load(run / 'predictions_test.npz') as saved:
+      self.assertEqual(saved['pred'].shape, (24,))
+    self.assertEqual(json.loads((run / 'results.json').read_text())['test']['count'], 24)
     for got in host_results:
       self.assertEqual(got['test']['count'], 24)  # one global batch, not one per host
       np.testing.assert_array_equal(got['test']['confusion'], one['test']['confusion'])
