@@ -100,6 +100,22 @@ def summarize(
   return summary
 
 
+def score_names(config: config_lib.StepConfig, num_classes: int) -> tuple[str, ...]:
+  """The names of the scores `summarize` gives, sorted, without ``count`` and ``per_class``.
+
+  These are the scores an epoch can be compared on (``count`` is the same
+  every epoch). Read off `summarize` itself, of any totals, so the two
+  cannot disagree.
+  """
+  any_totals = {
+      'confusion': np.eye(num_classes, dtype=np.int64),
+      'count': num_classes,
+      **{k: 0.0 for k in ('loss_sum', 'abs_err_argmax', 'abs_err_expected', 'abs_err_median')},
+  }
+  scores = summarize(any_totals, config=config)
+  return tuple(sorted(k for k in scores if k not in ('per_class', 'count')))
+
+
 def evaluate(
     state: steps.TrainState,
     arrays: Mapping[str, np.ndarray],

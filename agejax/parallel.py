@@ -54,6 +54,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   """Raises unless ``batch_size`` splits evenly over the mesh's devices."""
+  if DATA_AXIS not in mesh.shape:
+    raise ValueError(
+        f'The mesh has axes {mesh.axis_names}; agejax splits batches over an axis named'
+        f' {DATA_AXIS!r}: build the mesh with agejax.parallel.data_mesh.'
+    )
   n = mesh.shape[DATA_AXIS]
   if batch_size % n:
     raise ValueError(

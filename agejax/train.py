@@ -207,9 +207,15 @@ def train_and_evaluate(
       again with a later (or no) stop.
 
   Returns:
-    ``{'best_epoch', 'validation', 'test', 'history', 'transfer'}``; the
-    validation and test entries are `agejax.evaluate.summarize` scores of the
-    best checkpoint plus its ``confusion`` matrix.
+    ``{'best_epoch', 'epochs_done', 'epochs_planned', 'history',
+    'transfer', 'validation', 'test'}``; the validation and test entries are
+    `agejax.evaluate.summarize` scores of the best checkpoint plus its
+    ``confusion`` matrix.
+
+  Raises:
+    ValueError: before anything is written, when a split's arrays do not fit
+      the model (`agejax.batching.check_arrays`) or a score name in
+      ``config`` is unknown (`check_score_names`).
   """
   workdir = pathlib.Path(workdir)
   mesh = parallel.data_mesh() if mesh is None else mesh
@@ -218,6 +224,14 @@ def train_and_evaluate(
   missing = [s for s in ('train', 'validation') if s not in data]
   if missing:
     raise KeyError(f'data needs splits {missing}; got {sorted(data)}.')
+  check_score_names(config)
+  for name, arrays in data.items():
+    batching.check_arrays(
+        arrays,
+        image_shape=config.model.input_shape,
+        num_classes=config.model.num_classes,
+        name=name,
+    )
 
   run_config = config_dict(config)
   model_config = config.model
@@ -285,8 +299,6 @@ def train_and_evaluate(
     )
 
   last = len(plan) if stop_after_epoch is None else min(stop_after_epoch, len(plan))
-  if done < last:
-    _check_score_names(config, state, data['validation'], mesh)
   writer = run_logging.TensorBoardWriter(workdir / 'tensorboard')
   try:
     for g in range(done, last):
@@ -350,7 +362,8 @@ def train_and_evaluate(
       ckpts.save_latest(
           g + 1,
           _state_tree(state),
-          {'epoch': g + 1, 'history': history, 'best': best, 'config': run_config},
+          # A copy: the save is written in the background while history grows.
+          {'epoch': g + 1, 'history': list(history), 'best': best, 'config': run_config},
       )
       run_logging.write_history(workdir / 'metrics.jsonl', history)
   finally:
@@ -425,23 +438,13 @@ def resolve_epoch_mode(mode: str, train_bytes: int, device: jax.Device) -> str:
   return 'loop'
 
 
-def _check_score_names(
-    config: config_lib.TrainConfig,
-    state: steps.TrainState,
-    validation: Arrays,
-    mesh: jax.sharding.Mesh,
-) -> None:
-  """Raises before the first epoch, not after it, on an unknown score name.
+def check_score_names(config: config_lib.TrainConfig) -> None:
+  """Raises a ValueError unless ``select_metric`` and ``history_metrics`` name scores.
 
-  The names come from evaluating one batch of ``validation``: the scores
-  `agejax.evaluate.summarize` gives this model and data.
+  The scores are those `agejax.evaluate.summarize` gives this step config
+  and number of classes (`agejax.evaluate.score_names`).
   """
-  probe = {k: v[: config.eval_batch_size] for k, v in validation.items()}
-  scores, _ = evaluate_lib.evaluate(
-      state, probe, config=config.step, batch_size=config.eval_batch_size, mesh=mesh
-  )
-  # 'count' is the number of examples, the same for every epoch: no score.
-  names = sorted(k for k in scores if k not in ('per_class', 'count'))
+  names = evaluate_lib.score_names(config.step, config.model.num_classes)
   unknown = [
       f'{field} {name!r}'
       for field, wanted in (
@@ -453,7 +456,7 @@ def _check_score_names(
   ]
   if unknown:
     raise ValueError(
-        f'{", ".join(unknown)}: not a validation score; choose from {names}.'
+        f'{", ".join(unknown)}: not a validation score; choose from {list(names)}.'
     )
 
 

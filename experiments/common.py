@@ -81,18 +81,30 @@ flags.register_multi_flags_validator(
 )
 flags.DEFINE_integer('split_seed', 0, 'Seed of the UTKFace split.')
 flags.DEFINE_enum('labels', 'ages', ['ages', 'ranges11'], '100 age classes or the 11 study ranges.')
-flags.DEFINE_integer('undersample_age', None, "Age whose images are undersampled (the study's 26).")
-flags.DEFINE_integer('undersample_n', 0, 'How many images of --undersample_age to remove.')
+flags.DEFINE_integer(
+    'undersample_age', None, "Age whose images are undersampled (the study's 26).", lower_bound=0
+)
+flags.DEFINE_integer(
+    'undersample_n', 0, 'How many images of --undersample_age to remove.', lower_bound=0
+)
+flags.register_multi_flags_validator(
+    ['undersample_age', 'undersample_n'],
+    lambda f: not f['undersample_n'] or f['undersample_age'] is not None,
+    message='--undersample_n needs --undersample_age: the age whose images are removed.',
+)
 flags.DEFINE_integer(
     'class_cap', None,
     'Keep at most this many training images per class (per age, or per range with'
-    ' --labels=ranges11).')
+    ' --labels=ranges11).',
+    lower_bound=0,
+)
 flags.DEFINE_bool('class_weights', False, "Weight the loss by sklearn's 'balanced' class weights.")
 flags.DEFINE_integer('synthetic_train', 2000, 'Synthetic training faces.')
 flags.DEFINE_integer('synthetic_eval', 500, 'Synthetic validation and test faces (each).')
 flags.DEFINE_integer(
     'max_train_examples', None,
     'Train on this many examples, drawn at random with --split_seed (smoke runs).',
+    lower_bound=0,
 )
 
 # Model.
@@ -225,9 +237,13 @@ def train_config(task: str, *, num_classes: int, class_weights: np.ndarray | Non
 
 
 def check_before_training(config: config_lib.TrainConfig, workdir: str) -> None:
-  """Fails on what would only fail inside training: a freezing pattern matching nothing, or a
-  missing --init_from checkpoint for a new run (a resumed one does not read it). Call it
-  before writing to the run directory."""
+  """Fails on what would only fail inside training: a freezing pattern matching nothing, an
+  unknown --select_metric, or a missing --init_from checkpoint for a new run (a resumed one
+  does not read it). Call it before writing to the run directory."""
+  try:
+    train.check_score_names(config)
+  except ValueError as e:
+    raise flags.ValidationError(f'--{e}') from e
   params = train.abstract_variables(config.model)['params']
   for stage in config.stages:
     try:
@@ -389,9 +405,15 @@ def _balance(splits: dict[str, dict[str, np.ndarray]], report: dict[str, Any]) -
       'class_cap': FLAGS.class_cap or None,
   }
   if undersampled:
-    train = balance.undersample(
-        train, label=FLAGS.undersample_age, n_remove=FLAGS.undersample_n, seed=FLAGS.split_seed
-    )
+    try:
+      train = balance.undersample(
+          train, label=FLAGS.undersample_age, n_remove=FLAGS.undersample_n, seed=FLAGS.split_seed
+      )
+    except ValueError as e:
+      raise flags.ValidationError(
+          f'--undersample_age={FLAGS.undersample_age} --undersample_n={FLAGS.undersample_n}:'
+          f' {e} in the training split; lower --undersample_n or pick another age.'
+      ) from e
   splits = {**splits, 'train': train}
   if FLAGS.labels == 'ranges11':
     splits = {

@@ -116,6 +116,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 AGE_METRICS = tuple(dict.fromkeys(
     [k for k, _, _ in COLUMNS] + [f'cs@{k}' for k in CS_KS] + ['count', 'per_class', 'confusion']
 ))
+# `agejax.evaluate.summarize` leaves the tolerance scores out for age ranges.
+RANGE_METRICS = tuple(k for k in AGE_METRICS if not k.startswith('tol'))
 PER_CLASS_KEYS = ('precision', 'recall', 'f1', 'support')
 NOT_RUN = 'not run'
 
@@ -192,11 +194,15 @@ def _require(mapping: Any, keys: Sequence[str], path: pathlib.Path, where: str) 
     raise ReportError(f'{path}: {where} lacks {missing}. {_fix_hint(path)}')
 
 
-def _check_results(results: Any, path: pathlib.Path, *, age: bool) -> None:
+def _check_results(results: Any, path: pathlib.Path, *, key: str) -> None:
   """Raises `ReportError` naming ``path`` unless it has every score the report reads."""
   _require(results, ('best_epoch', 'history', 'validation', 'test'), path, 'the file')
+  age = key != 'fer'
+  required = ('accuracy',)
+  if age:
+    required = RANGE_METRICS if key.endswith('/ranges11') else AGE_METRICS
   for split in ('validation', 'test'):
-    _require(results[split], AGE_METRICS if age else ('accuracy',), path, f'{split!r}')
+    _require(results[split], required, path, f'{split!r}')
     if not age:
       continue
     per_class = results[split]['per_class']
@@ -220,7 +226,7 @@ def read_run(path: str | pathlib.Path, key: str) -> Run | None:
   if not results_path.exists():
     return None
   results = _read_json(results_path)
-  _check_results(results, results_path, age=key != 'fer')
+  _check_results(results, results_path, key=key)
   optional = {
       name: _read_json(path / f'{name}.json') if (path / f'{name}.json').exists() else None
       for name in ('config', 'data_report')
@@ -339,9 +345,14 @@ def header_section(study: Study, options: Options) -> str:
     plans[_stage_plan(run)].append(run.key)
   plan_lines = [f'  - {plan}: {", ".join(keys)}' for plan, keys in sorted(plans.items())]
   hours = sum(h.get('seconds', 0.0) for r in study.runs.values() for h in r.results['history']) / 3600
-  sources = sorted({
-      str(r.data_report.get('data', 'unknown')) for r in study.runs.values() if r.data_report
-  })
+  sources = {
+      task: sorted({
+          str(r.data_report.get('data', 'unknown'))
+          for key, r in study.runs.items()
+          if r.data_report and (key == 'fer') == (task == 'FER')
+      })
+      for task in ('FER', 'Age')
+  }
   lines = [
       '# Results',
       '',
@@ -356,7 +367,10 @@ def header_section(study: Study, options: Options) -> str:
       *(plan_lines or ['  - no finished runs']),
       f'- Hardware: {options.hardware_note}',
       f'- Training time of the finished runs: {hours:.2f} h.',
-      f'- Age data: {", ".join(sources) if sources else "no data_report.json found"}.',
+      *(
+          f'- {task} data: {", ".join(found) if found else "no data_report.json found"}.'
+          for task, found in sources.items()
+      ),
   ]
   near = sorted({
       r.data_report['split'].get('near_duplicates', 'keep')
@@ -368,8 +382,12 @@ def header_section(study: Study, options: Options) -> str:
         '- `dedup` split: ' + ', '.join(f'`--near_duplicates={p}`' for p in near)
         + ' (keep: only byte-identical copies merged; group: near-duplicates too; docs/DATA.md).'
     )
-  if 'synthetic' in sources:
-    lines.append('- **Warning: some runs used synthetic faces; their scores say nothing about UTKFace.**')
+  synthetic = [task for task, found in sources.items() if 'synthetic' in found]
+  if synthetic:
+    datasets = ' or '.join({'FER': 'FER2013', 'Age': 'UTKFace'}[task] for task in synthetic)
+    lines.append(
+        f'- **Warning: some runs used synthetic faces; their scores say nothing about {datasets}.**'
+    )
   truncated = sorted(
       key for key, r in study.runs.items()
       if r.data_report and r.data_report.get('train_truncated_to')

@@ -140,5 +140,33 @@ class BadArraysTest(parameterized.TestCase):
       list(batches)
 
 
+def _with(key, value):
+  def make(n):
+    return {**_arrays(n), key: value(_arrays(n)[key])}
+
+  return make
+
+
+class CheckArraysTest(parameterized.TestCase):
+
+  def test_fitting_arrays_pass(self):
+    batching.check_arrays(_arrays(6), image_shape=(6, 6, 1), num_classes=9, name='train')
+
+  @parameterized.named_parameters(
+      ('float_images', _with('image', lambda x: x / 255.0), r"'test'.*uint8 \[N, 6, 6, 1\].*float64"),
+      ('other_size', _with('image', lambda x: x[:, :5]), r'got uint8 \[6, 5, 6, 1\]'),
+      ('no_channel_axis', _with('image', lambda x: x[..., 0]), r'got uint8 \[6, 6, 6\]'),
+      ('float_labels', _with('label', lambda x: x.astype(np.float32)), 'integer class indices'),
+      ('label_matrix', _with('label', lambda x: x[:, None]), r'integer class indices \[N\]'),
+      ('label_too_large', _with('label', lambda x: np.where(x == x[0], 9, x)), r'outside 0\.\.8 \(e\.g\. \[9\]'),
+      ('negative_label', _with('label', lambda x: np.where(x == x[0], -1, x)), r'e\.g\. \[-1\]'),
+      ('no_label', _drop('label'), r"'test'.*need keys \['label'\]"),
+      ('other_length', _shorten('age'), r"'test'.*differ in length"),
+  )
+  def test_raises(self, make, regex):
+    with self.assertRaisesRegex(ValueError, regex):
+      batching.check_arrays(make(6), image_shape=(6, 6, 1), num_classes=9, name='test')
+
+
 if __name__ == '__main__':
   absltest.main()

@@ -192,6 +192,13 @@ class UserErrorsTest(parameterized.TestCase):
       ('freezing_typo', ['--stages=s:1:1e-3:blok1/.*'], "--stages entry 's': Freezing patterns"),
       ('missing_init_from', ['--stages=s:1:1e-3:paper', '--init_from=/nonexistent/fer'],
        'No agejax checkpoint under /nonexistent/fer'),
+      ('select_metric_typo', ['--stages=s:1:1e-3:none', '--select_metric=acuracy'],
+       "--select_metric 'acuracy': not a validation score; choose from"),
+      ('undersample_more_than_there_are',
+       ['--stages=s:1:1e-3:none', '--undersample_age=26', '--undersample_n=100000'],
+       '--undersample_age=26 --undersample_n=100000: cannot remove 100000 rows of label 26'),
+      ('undersample_n_without_age', ['--stages=s:1:1e-3:none', '--undersample_n=5'],
+       '--undersample_n needs --undersample_age'),
   )
   def test_message_without_traceback_and_nothing_written(self, args, message):
     with tempfile.TemporaryDirectory() as tmp:

@@ -186,8 +186,8 @@ def _fer_rows(seed: int = 0):
   return rows
 
 
-def _write_csv(path: str, rows, columns=('emotion', 'pixels', 'Usage')):
-  with open(path, 'w', newline='') as f:
+def _write_csv(path: str, rows, columns=('emotion', 'pixels', 'Usage'), encoding='utf-8'):
+  with open(path, 'w', newline='', encoding=encoding) as f:
     writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction='ignore')
     writer.writeheader()
     writer.writerows(rows)
@@ -195,11 +195,16 @@ def _write_csv(path: str, rows, columns=('emotion', 'pixels', 'Usage')):
 
 class Fer2013BuilderTest(_TmpDirTest):
 
-  def test_csv(self):
+  @parameterized.named_parameters(
+      ('utf8', 'utf-8'),
+      ('byte_order_mark', 'utf-8-sig'),  # as a spreadsheet may save it
+  )
+  def test_csv(self, encoding):
     rows = _fer_rows()
     rows.append({'emotion': 9, 'pixels': rows[0]['pixels'], 'Usage': 'Training'})
     rows.append({'emotion': 1, 'pixels': '1 2 3', 'Usage': 'Training'})
-    _write_csv(os.path.join(self.manual, fer2013.CSV_FILE), rows)
+    rows.append({'emotion': 1, 'pixels': '9' * 30, 'Usage': 'Training'})  # overflows int64
+    _write_csv(os.path.join(self.manual, fer2013.CSV_FILE), rows, encoding=encoding)
     splits = fer2013.load(self.manual, data_dir=self.data_dir)
     for name, usage, first in (('train', 'Training', 0), ('validation', 'PublicTest', 6),
                                ('test', 'PrivateTest', 8)):
@@ -212,7 +217,7 @@ class Fer2013BuilderTest(_TmpDirTest):
     report = fer2013.prepare_report(self.data_dir)
     self.assertEqual(report['read'], {'train': 6, 'validation': 2, 'test': 3})
     self.assertEqual([c['file'] for c in report['corrupt']],
-                     ['fer2013.csv:13', 'fer2013.csv:14'])
+                     ['fer2013.csv:13', 'fer2013.csv:14', 'fer2013.csv:15'])
 
   def test_zip_layout_maps_folders_to_original_codes(self):
     entries = {'train/happy/Training_1.jpg': 3, 'train/neutral/Training_2.jpg': 6,
@@ -251,6 +256,7 @@ class Fer2013BuilderTest(_TmpDirTest):
       ('train_only', 'train_only',
        r'no usable faces for split\(s\) validation \(PublicTest_\*\), test \(PrivateTest_\*\)'),
       ('csv_without_private_test', 'csv_no_test', r'fer2013\.csv has no usable faces for split\(s\) test'),
+      ('csv_not_utf8', 'latin1', r'fer2013\.csv is not a readable UTF-8 CSV \(UnicodeDecodeError'),
   )
   def test_bad_input_raises(self, layout, message):
     if layout == 'columns':
@@ -273,6 +279,9 @@ class Fer2013BuilderTest(_TmpDirTest):
     elif layout == 'csv_no_test':
       _write_csv(os.path.join(self.manual, fer2013.CSV_FILE),
                  [r for r in _fer_rows() if r['Usage'] != 'PrivateTest'])
+    elif layout == 'latin1':
+      with open(os.path.join(self.manual, fer2013.CSV_FILE), 'wb') as f:
+        f.write(b'emotion,pixels,Usage\n0,1 2 3,Training \xe9\n')
     elif layout == 'emotion':
       os.makedirs(os.path.join(self.manual, 'train', 'joy'))
       with open(os.path.join(self.manual, 'train', 'joy', 'Training_1.jpg'), 'wb') as f:

@@ -102,6 +102,10 @@ _SCRIPT = textwrap.dedent("""
       parallel.check_batch_size(12, parallel.data_mesh())
     except ValueError as e:
       print('batch check:', e)
+    try:
+      parallel.check_batch_size(16, jax.sharding.Mesh(np.asarray(jax.devices()), ('batch',)))
+    except ValueError as e:
+      print('axis check:', e)
 """)
 
 
@@ -116,6 +120,7 @@ class DataParallelTest(parameterized.TestCase):
     self.assertEqual(result.returncode, 0, result.stderr[-3000:])
     self.assertIn('8 devices match 1', result.stdout)
     self.assertIn('does not divide evenly over 8 devices', result.stdout)
+    self.assertIn("axis check: The mesh has axes ('batch',)", result.stdout)
 
 
 _HOST_SCRIPT = textwrap.dedent("""

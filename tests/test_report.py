@@ -12,29 +12,38 @@ from absl.testing import parameterized
 import numpy as np
 
 from agejax import ages
+from agejax import config
+from agejax import evaluate
 from experiments import report
 from experiments import run_study
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-_CS_KS = range(11)
-
-
 def _scores(num_classes: int, accuracy: float, seed: int) -> dict:
-  """Every score `agejax.evaluate` writes for one split, with easily recognised values."""
+  """The scores `agejax.evaluate` writes for one split, set to easily recognised values.
+
+  The keys are what `agejax.evaluate.summarize` gives for ``num_classes`` (the
+  11 age ranges have no tolerance scores), so the report is tested on the
+  files training writes.
+  """
   rng = np.random.default_rng(seed)
   confusion = rng.integers(0, 3, (num_classes, num_classes)) + 5 * np.eye(num_classes, dtype=int)
   confusion[0, :] = confusion[:, 0] = 0  # class 0 neither in the labels nor predicted
   support = confusion.sum(axis=1)
+  count = float(support.sum())
+  class_values = None
+  if num_classes == ages.NUM_RANGES:
+    class_values = tuple(float(v) for v in np.asarray(ages.range_midpoints()))
+  totals = {'confusion': confusion, 'count': count, 'loss_sum': 1.5 * count,
+            'abs_err_argmax': count, 'abs_err_expected': count, 'abs_err_median': count}
+  scores = evaluate.summarize(totals, config=config.StepConfig(class_values=class_values))
   f1 = np.linspace(0.0, 0.9, num_classes)
-  scores = {
+  recognisable = {
       'accuracy': accuracy,
-      **{f'cs@{k}': min(1.0, accuracy + 0.01 * k) for k in _CS_KS},
+      **{f'cs@{k}': min(1.0, accuracy + 0.01 * k) for k in evaluate.CS_CURVE_KS},
       'mae': 3.25 + accuracy,
       'mae_expected': 3.5,
       'mae_median': 3.4,
-      'loss': 1.5,
-      'count': float(support.sum()),
       'weighted_precision': 0.1234,
       'weighted_recall': 0.2347,
       'weighted_f1': 0.3456,
@@ -48,9 +57,9 @@ def _scores(num_classes: int, accuracy: float, seed: int) -> dict:
           'f1': f1.tolist(),  # 0.0 for class 0, as zero_division=0 gives
           'support': support.astype(float).tolist(),
       },
-      'confusion': confusion.tolist(),
   }
-  return scores
+  scores.update({k: v for k, v in recognisable.items() if k in scores})
+  return {**scores, 'confusion': confusion.tolist()}
 
 
 def _results(num_classes: int, accuracy: float, seed: int = 0) -> dict:
@@ -68,12 +77,14 @@ def _results(num_classes: int, accuracy: float, seed: int = 0) -> dict:
   }
 
 
-def _write_run(root: pathlib.Path, key: str, results: dict, leaks: dict | None = None) -> None:
+def _write_run(
+    root: pathlib.Path, key: str, results: dict, leaks: dict | None = None, data: str = 'real'
+) -> None:
   path = root / key
   path.mkdir(parents=True)
   (path / 'results.json').write_text(json.dumps(results))
   (path / 'config.json').write_text(json.dumps({'stages': [{'name': 'stage1', 'epochs': 2}]}))
-  data_report = {'data': 'real'}
+  data_report = {'data': data}
   if leaks is not None:
     data_report['split'] = {
         'hash_leaks_from_train': leaks,
@@ -94,6 +105,25 @@ def _fake_study(root: pathlib.Path) -> None:
 
 
 _PLAN = run_study.StudyPlan()
+
+
+class HeaderTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('real', 'real', 'real', None),
+      ('synthetic_fer', 'synthetic', 'real', 'FER2013'),
+      ('synthetic_age', 'real', 'synthetic', 'UTKFace'),
+      ('both_synthetic', 'synthetic', 'synthetic', 'FER2013 or UTKFace'),
+  )
+  def test_data_sources_per_task(self, fer_data, age_data, warned_about):
+    with tempfile.TemporaryDirectory() as tmp:
+      root = pathlib.Path(tmp)
+      _write_run(root, 'fer', _results(7, 0.6), data=fer_data)
+      _write_run(root, 'dedup/fc1', _results(100, 0.4), data=age_data)
+      header = report.header_section(report.load_study(root), report.Options(hardware_note='box'))
+    self.assertIn(f'- FER data: {fer_data}.\n- Age data: {age_data}.', header)
+    warnings = re.findall(r'say nothing about (.*)\.\*\*', header)
+    self.assertEqual(warnings, [warned_about] if warned_about else [])
 
 
 class ReportTest(parameterized.TestCase):
@@ -394,8 +424,8 @@ class MalformedRunTest(parameterized.TestCase):
   )
   def test_error_names_file(self, corrupt, message):
     with tempfile.TemporaryDirectory() as tmp:
-      run = pathlib.Path(tmp) / 'dedup' / 'fc1'
-      _write_run(pathlib.Path(tmp), 'dedup/fc1', _results(ages.NUM_RANGES, 0.5))
+      run = pathlib.Path(tmp) / 'dedup' / 'ranges11'
+      _write_run(pathlib.Path(tmp), 'dedup/ranges11', _results(ages.NUM_RANGES, 0.5))
       (run / 'results.json').write_text(corrupt(_results(ages.NUM_RANGES, 0.5)))
       with self.assertRaisesRegex(report.ReportError, re.escape(message)) as ctx:
         report.load_study(tmp)
@@ -403,8 +433,8 @@ class MalformedRunTest(parameterized.TestCase):
 
   def test_unreadable_results_names_file(self):
     with tempfile.TemporaryDirectory() as tmp:
-      _write_run(pathlib.Path(tmp), 'dedup/fc1', _results(ages.NUM_RANGES, 0.5))
-      results = pathlib.Path(tmp) / 'dedup' / 'fc1' / 'results.json'
+      _write_run(pathlib.Path(tmp), 'dedup/ranges11', _results(ages.NUM_RANGES, 0.5))
+      results = pathlib.Path(tmp) / 'dedup' / 'ranges11' / 'results.json'
       results.unlink()
       results.mkdir()  # reading it raises IsADirectoryError, an OSError
       with self.assertRaisesRegex(report.ReportError, 'is unreadable') as ctx:
@@ -413,8 +443,8 @@ class MalformedRunTest(parameterized.TestCase):
 
   def test_program_prints_the_message_without_a_traceback(self):
     with tempfile.TemporaryDirectory() as tmp:
-      _write_run(pathlib.Path(tmp), 'dedup/fc1', _results(ages.NUM_RANGES, 0.5))
-      results = pathlib.Path(tmp) / 'dedup' / 'fc1' / 'results.json'
+      _write_run(pathlib.Path(tmp), 'dedup/ranges11', _results(ages.NUM_RANGES, 0.5))
+      results = pathlib.Path(tmp) / 'dedup' / 'ranges11' / 'results.json'
       results.write_text('{')
       done = subprocess.run(
           [sys.executable, '-m', 'experiments.report', f'--root={tmp}', f'--out={tmp}/out'],
@@ -426,8 +456,8 @@ class MalformedRunTest(parameterized.TestCase):
 
   def test_malformed_config_names_file(self):
     with tempfile.TemporaryDirectory() as tmp:
-      _write_run(pathlib.Path(tmp), 'paper/scratch', _results(ages.NUM_RANGES, 0.5))
-      config = pathlib.Path(tmp) / 'paper' / 'scratch' / 'config.json'
+      _write_run(pathlib.Path(tmp), 'paper/ranges11', _results(ages.NUM_RANGES, 0.5))
+      config = pathlib.Path(tmp) / 'paper' / 'ranges11' / 'config.json'
       config.write_text('{')
       with self.assertRaisesRegex(report.ReportError, 'not valid JSON') as ctx:
         report.load_study(tmp)

@@ -266,6 +266,21 @@ class SummarizeTest(parameterized.TestCase):
     self.assertEmpty([k for k in summary if k.startswith('tol')])
 
 
+class ScoreNamesTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('ordinal', config.StepConfig(), True),
+      ('nominal', config.StepConfig(ordinal=False), False),
+      ('class_values', config.StepConfig(class_values=(5.0, 15.0, 30.0, 60.0)), False),
+  )
+  def test_names_of_the_scores_summarize_gives(self, step_config, has_tolerance):
+    totals = evaluate.accumulate(_state(), arrays(20, seed=5), config=step_config, batch_size=8)
+    summary = evaluate.summarize(totals, config=step_config)
+    names = evaluate.score_names(step_config, _C)
+    self.assertEqual(list(names), sorted(summary.keys() - {'per_class', 'count'}))
+    self.assertEqual('tol3_weighted_f1' in names, has_tolerance)
+
+
 class PredictTest(parameterized.TestCase):
 
   @parameterized.named_parameters(

@@ -184,7 +184,8 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     chex.assert_equal(len(first['test']['confusion']), 100)
 
   @parameterized.named_parameters(
-      ('nominal_scores', {'step': config.StepConfig(ordinal=False)}, False),
+      ('nominal_scores',
+       {'step': config.StepConfig(ordinal=False), 'history_metrics': ('loss', 'accuracy')}, False),
       ('history', {'history_metrics': ('loss', 'accuracy')}, True),
       ('eval_batch_size', {'eval_batch_size': 8}, True),
       ('epoch_mode', {'epoch_mode': 'scan'}, True),
@@ -286,19 +287,28 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     self.assertIn('re-initialised (not in checkpoint): params/head/dense2/kernel', '\n'.join(lines))
 
   @parameterized.named_parameters(
-      ('select_metric', {'select_metric': 'nope'}, "select_metric 'nope'"),
-      ('history_metrics', {'history_metrics': ('accuracy', 'mea')}, "history_metrics 'mea'"),
-      ('count_is_no_score', {'select_metric': 'count'}, "select_metric 'count'"),
+      ('select_metric', {'select_metric': 'nope'}, {},
+       r"select_metric 'nope': not a validation score; choose from \[.*'mae'"),
+      ('history_metrics', {'history_metrics': ('accuracy', 'mea')}, {},
+       "history_metrics 'mea': not a validation score"),
+      ('count_is_no_score', {'select_metric': 'count'}, {}, "select_metric 'count': not a"),
+      ('label_out_of_range', {}, {'test': {'label': lambda x: x + 100}},
+       r"Split 'test': 40 labels lie outside 0\.\.99"),
+      ('float_images', {}, {'validation': {'image': lambda x: x / 255.0}},
+       r"Split 'validation': images must be uint8 \[N, 48, 48, 1\]"),
   )
-  def test_unknown_score_name_raises_before_training(self, fields, message):
+  def test_bad_config_or_data_raises_before_anything_is_written(self, fields, changes, message):
+    data = _data()
+    for split, arrays in changes.items():
+      data[split] = {**data[split], **{k: f(data[split][k]) for k, f in arrays.items()}}
     with tempfile.TemporaryDirectory() as tmp:
       lines = []
-      with self.assertRaisesRegex(ValueError, rf"{message}: not a validation score; choose from \[.*'mae'"):
+      with self.assertRaisesRegex(ValueError, message):
         train.train_and_evaluate(
-            _config(**fields), _data(), tmp, log=lines.append, show_progress=False,
+            _config(**fields), data, tmp, log=lines.append, show_progress=False,
         )
-      self.assertEqual(lines, [])  # no epoch ran
-      self.assertFalse((pathlib.Path(tmp) / 'metrics.jsonl').exists())
+      self.assertEqual(lines, [])
+      self.assertEqual(list(pathlib.Path(tmp).iterdir()), [])
 
 
 class _Device:

@@ -119,7 +119,7 @@ def _parse_row(row: dict, line: int) -> tuple[str, dict] | str:
   try:
     label = int(row['emotion'])
     pixels = np.array(row['pixels'].split(), dtype=np.int64)
-  except (TypeError, ValueError, AttributeError):
+  except (TypeError, ValueError, AttributeError, OverflowError):
     return 'unparseable emotion or pixels'
   if not 0 <= label < len(EMOTIONS):
     return f'emotion {label} outside 0..6'
@@ -134,18 +134,25 @@ def _parse_row(row: dict, line: int) -> tuple[str, dict] | str:
 
 def _read_csv(path: str, report: dict) -> dict[str, list]:
   examples = {split: [] for split in SPLITS}
-  with open(path, newline='', encoding='utf-8') as f:
+  # utf-8-sig: a spreadsheet may have saved the file with a byte-order mark.
+  with open(path, newline='', encoding='utf-8-sig') as f:
     reader = csv.DictReader(f)
-    found = tuple(reader.fieldnames or ())
-    if not set(CSV_COLUMNS) <= set(found):
-      raise DataError(f'{path} has columns {found}; expected {CSV_COLUMNS} '
-                      '(the original FER2013 release).')
-    for row in reader:
-      parsed = _parse_row(row, reader.line_num)
-      if isinstance(parsed, str):
-        report['corrupt'].append({'file': f'{CSV_FILE}:{reader.line_num}', 'error': parsed})
-      else:
-        examples[parsed[0]].append(parsed[1])
+    try:
+      found = tuple(reader.fieldnames or ())
+      if not set(CSV_COLUMNS) <= set(found):
+        raise DataError(f'{path} has columns {found}; expected {CSV_COLUMNS} '
+                        '(the original FER2013 release).')
+      for row in reader:
+        parsed = _parse_row(row, reader.line_num)
+        if isinstance(parsed, str):
+          report['corrupt'].append({'file': f'{CSV_FILE}:{reader.line_num}', 'error': parsed})
+        else:
+          examples[parsed[0]].append(parsed[1])
+    except (UnicodeDecodeError, csv.Error) as e:
+      raise DataError(
+          f'{path} is not a readable UTF-8 CSV ({type(e).__name__}: {e});'
+          ' use the original FER2013 fer2013.csv.'
+      ) from e
   if not any(examples.values()):
     raise DataError(f'{path} has no usable rows.')
   return examples
