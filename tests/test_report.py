@@ -14,6 +14,8 @@ import numpy as np
 from agejax import ages
 from agejax import config
 from agejax import evaluate
+from agejax import synthetic
+from agejax import train
 from experiments import report
 from experiments import run_study
 
@@ -124,6 +126,39 @@ class HeaderTest(parameterized.TestCase):
     self.assertIn(f'- FER data: {fer_data}.\n- Age data: {age_data}.', header)
     warnings = re.findall(r'say nothing about (.*)\.\*\*', header)
     self.assertEqual(warnings, [warned_about] if warned_about else [])
+
+
+class FromTrainingTest(parameterized.TestCase):
+  """The report reads what `agejax.train.train_and_evaluate` writes, not only fixtures."""
+
+  @parameterized.named_parameters(('ages', 'fc1'), ('ranges', 'ranges11'))
+  def test_reads_a_trained_run(self, experiment):
+    data = synthetic.make_age_splits(seed=0, n_train=32, n_val=16, n_test=16)
+    num_classes, class_values = 100, None
+    if experiment == 'ranges11':
+      num_classes = ages.NUM_RANGES
+      class_values = tuple(float(v) for v in np.asarray(ages.range_midpoints()))
+      data = {k: {**v, 'label': np.asarray(ages.age_to_range(v['age']))} for k, v in data.items()}
+    model = config.ModelConfig(
+        num_classes=num_classes, conv_filters=((2, 2), (2, 2), (2, 2)), dense_units=(4,)
+    )
+    train_config = config.TrainConfig(
+        model=model,
+        stages=(config.StageConfig('s1', 1, 1e-3),),
+        step=config.StepConfig(class_values=class_values),
+        batch_size=16,
+        eval_batch_size=16,
+        epoch_mode='loop',
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+      root = pathlib.Path(tmp)
+      train.train_and_evaluate(
+          train_config, data, root / 'dedup' / experiment, log=lambda _: None, show_progress=False
+      )
+      study = report.load_study(root)
+      md = report.write_report(study, root / 'docs', report.Options(figures=())).read_text()
+    self.assertEqual(sorted(study.runs), [f'dedup/{experiment}'])
+    self.assertRegex(md, rf'\| {experiment}( \(11 ranges\))? \| \d+\.\d\d \|')
 
 
 class ReportTest(parameterized.TestCase):
