@@ -45,7 +45,8 @@ class AugmentConfig:
       independently for rows and cols (as Keras does); > 1 magnifies.
     fill: how points sampled outside the image are filled: 'nearest' (Keras'
       default), 'constant' (``fill_value``) or 'reflect'.
-    fill_value: the value used by ``fill='constant'``.
+    fill_value: the value used by ``fill='constant'``, in [0, 1] like the
+      images (`random_augment` keeps its output in [0, 1]).
   """
 
   flip_prob: float = 0.0
@@ -65,6 +66,8 @@ class AugmentConfig:
     if not 0.0 <= self.zoom_frac < 1.0:
       raise ValueError(f"zoom_frac must be in [0, 1), got {self.zoom_frac}.")
     _check_fill(self.fill)
+    if not 0.0 <= self.fill_value <= 1.0:
+      raise ValueError(f"fill_value must be in [0, 1] like the images, got {self.fill_value}.")
 
   @classmethod
   def study(cls) -> AugmentConfig:
@@ -169,23 +172,39 @@ def affine_warp(
   return warped.astype(image.dtype)
 
 
-def rotate(image: jax.Array, angle_deg: jax.typing.ArrayLike, *, fill: str = "nearest") -> jax.Array:
+def rotate(
+    image: jax.Array,
+    angle_deg: jax.typing.ArrayLike,
+    *,
+    fill: str = "nearest",
+    fill_value: float = 0.0,
+) -> jax.Array:
   """Rotates an ``[H, W, C]`` image counter-clockwise about its centre."""
-  return affine_warp(image, rotation_matrix(angle_deg), fill=fill)
+  return affine_warp(image, rotation_matrix(angle_deg), fill=fill, fill_value=fill_value)
 
 
 def translate(
-    image: jax.Array, dy: jax.typing.ArrayLike, dx: jax.typing.ArrayLike, *, fill: str = "nearest"
+    image: jax.Array,
+    dy: jax.typing.ArrayLike,
+    dx: jax.typing.ArrayLike,
+    *,
+    fill: str = "nearest",
+    fill_value: float = 0.0,
 ) -> jax.Array:
   """Shifts an ``[H, W, C]`` image's content ``dy`` pixels down, ``dx`` right."""
-  return affine_warp(image, translation_matrix(dy, dx), fill=fill)
+  return affine_warp(image, translation_matrix(dy, dx), fill=fill, fill_value=fill_value)
 
 
 def zoom(
-    image: jax.Array, zy: jax.typing.ArrayLike, zx: jax.typing.ArrayLike, *, fill: str = "nearest"
+    image: jax.Array,
+    zy: jax.typing.ArrayLike,
+    zx: jax.typing.ArrayLike,
+    *,
+    fill: str = "nearest",
+    fill_value: float = 0.0,
 ) -> jax.Array:
   """Zooms an ``[H, W, C]`` image about its centre; factors > 1 magnify."""
-  return affine_warp(image, zoom_matrix(zy, zx), fill=fill)
+  return affine_warp(image, zoom_matrix(zy, zx), fill=fill, fill_value=fill_value)
 
 
 def random_matrix(key: jax.Array, height: int, width: int, config: AugmentConfig) -> jax.Array:

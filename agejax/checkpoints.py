@@ -282,10 +282,14 @@ def best_dir(path: str | pathlib.Path) -> pathlib.Path:
 
 
 def load_meta(path: str | pathlib.Path) -> dict[str, Any]:
-  """The JSON metadata (model config, metrics) of a run's best checkpoint."""
+  """The JSON metadata (model config, metrics) of a run's best checkpoint.
+
+  ``best/`` is written only when an epoch improves, so its latest step is the
+  best one (as in `load_variables`).
+  """
   directory = best_dir(path)
   manager = _manager(directory, 'variables', 'meta')
-  step = manager.best_step() or manager.latest_step()
+  step = manager.latest_step()
   try:
     return _restore_json(manager, step, 'meta', directory)
   finally:

@@ -74,7 +74,8 @@ case $phase in
     [[ -d $root/fer/checkpoints ]] || { echo "No $root/fer: run the fer phase on this machine first." >&2; exit 2; }
     timed age python3 -m experiments.run_study --root="$root" --schedule=paper --skip_fer \
       --fer_stages="$fer_stages" \
-      --protocols="$protocols" --experiments="$experiments" --extra_flags=--tfds_data_dir=.gpu/tfds$extra 2>&1 | tee "$out/age.log"
+      --protocols="$protocols" --experiments="$experiments" --leaky_experiments="$experiments" \
+      --extra_flags=--tfds_data_dir=.gpu/tfds$extra 2>&1 | tee "$out/age.log"
     tar --exclude=checkpoints -czf "$out/runs.tar.gz" "$root"
     ;;
   *)

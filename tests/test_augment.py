@@ -54,6 +54,8 @@ class AugmentConfigTest(parameterized.TestCase):
       ("zoom_negative", dict(zoom_frac=-0.1)),
       ("zoom_one", dict(zoom_frac=1.0)),
       ("unknown_fill", dict(fill="wrap")),
+      ("fill_value_above_one", dict(fill="constant", fill_value=255.0)),
+      ("fill_value_negative", dict(fill="constant", fill_value=-1.0)),
   )
   def test_bad_config_raises(self, kwargs):
     with self.assertRaises(ValueError):
@@ -127,6 +129,15 @@ class WarpTest(chex.TestCase):
     rows_in = slice(max(-dy, 0), height + min(-dy, 0))
     cols_in = slice(max(-dx, 0), width + min(-dx, 0))
     np.testing.assert_allclose(out[rows_out, cols_out], image[rows_in, cols_in], atol=1e-6)
+    filled = np.asarray(
+        self.variant(functools.partial(augment.translate, fill="constant", fill_value=0.5))(
+            image, dy, dx
+        )
+    )
+    np.testing.assert_allclose(filled[rows_out, cols_out], image[rows_in, cols_in], atol=1e-6)
+    outside = np.ones((height, width), bool)
+    outside[rows_out, cols_out] = False
+    np.testing.assert_array_equal(filled[outside], 0.5)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(("in", 1.25, 1.25), ("out", 0.8, 0.8), ("anisotropic", 1.1, 0.9))
