@@ -147,9 +147,28 @@ def plan_from_flags() -> StudyPlan:
     raise app.UsageError(str(e)) from e
 
 
+# How long an interrupted run may take to finish its checkpoint saves.
+_STOP_GRACE_SECONDS = 120
+
+
 def _run(args: list[str]) -> None:
+  """Runs one program; on Ctrl-C (which it gets too) waits for it to stop on its own.
+
+  `subprocess.run` would kill it 0.25 s after the interrupt, in the middle of
+  the checkpoint saves it finishes before exiting.
+  """
   print('+', shlex.join(['python', *args]), flush=True)
-  subprocess.run([sys.executable, *args], check=True)
+  with subprocess.Popen([sys.executable, *args]) as proc:
+    try:
+      returncode = proc.wait()
+    except KeyboardInterrupt:
+      try:
+        proc.wait(timeout=_STOP_GRACE_SECONDS)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+      raise
+  if returncode:
+    raise subprocess.CalledProcessError(returncode, args)
 
 
 def main(argv):

@@ -1,4 +1,12 @@
-"""Tests of experiments.run_study's plan: which runs, and the command of each."""
+"""Tests of experiments.run_study: which runs, the command of each, and stopping one."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -6,6 +14,28 @@ from absl.testing import parameterized
 from experiments import run_study
 
 _CFG = 'experiments/configs/study'
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# A run that needs a second after Ctrl-C to finish (as training finishes its
+# checkpoint saves), started through run_study._run.
+_PARENT = textwrap.dedent('''
+    import sys
+    from experiments import run_study
+    child = (
+        'import pathlib, signal, sys, time\\n'
+        'def stop(*_):\\n'
+        '  time.sleep(1.0)\\n'
+        '  pathlib.Path(sys.argv[1]).write_text("saved")\\n'
+        '  sys.exit(130)\\n'
+        'signal.signal(signal.SIGINT, stop)\\n'
+        'print("ready", flush=True)\\n'
+        'time.sleep(60)\\n'
+    )
+    try:
+      run_study._run(['-c', child, sys.argv[1]])
+    except KeyboardInterrupt:
+      print('interrupted', flush=True)
+''')
 
 
 class StudyPlanTest(parameterized.TestCase):
@@ -72,6 +102,25 @@ class StudyPlanTest(parameterized.TestCase):
   def test_unknown_names_raise(self, kwargs, name):
     with self.assertRaisesRegex(ValueError, name):
       run_study.StudyPlan(**kwargs)
+
+
+class StopTest(absltest.TestCase):
+
+  def test_ctrl_c_lets_the_run_finish_its_saves(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      marker = pathlib.Path(tmp) / 'saved'
+      parent = subprocess.Popen(
+          [sys.executable, '-c', _PARENT, str(marker)], cwd=_ROOT, stdout=subprocess.PIPE,
+          text=True, start_new_session=True,
+      )
+      lines = []  # the command run_study prints, then the run's 'ready'
+      while not lines or lines[-1] not in ('ready\n', ''):
+        lines.append(parent.stdout.readline())
+      self.assertEqual(lines[-1], 'ready\n', repr(lines))
+      os.killpg(parent.pid, signal.SIGINT)  # as a terminal's or a notebook's Ctrl-C does
+      out, _ = parent.communicate(timeout=60)
+      self.assertEqual(marker.read_text(), 'saved')
+    self.assertIn('interrupted', out)
 
 
 if __name__ == '__main__':
