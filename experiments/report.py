@@ -30,6 +30,8 @@ import os
 import pathlib
 import platform
 import shlex
+import zipfile
+import zlib
 from typing import Any, Mapping, Sequence
 
 from absl import app
@@ -171,16 +173,22 @@ class Options:
 
 
 def _fix_hint(path: pathlib.Path) -> str:
+  """What to do about ``path``, a file of a run directory the report cannot use."""
+  rerun = 're-run `python -m experiments.run_study` with the same flags'
+  if path.name == 'data_report.json':  # the training programs refuse an unreadable one too
+    return f'Move {path} aside, then {rerun} to write it again.'
+  if path.suffix == '.npz':  # optional: the report does without it
+    return f'Delete {path}, or {rerun} (finished runs are re-evaluated and save it again).'
   return (
-      f'Re-run `python -m experiments.run_study` (finished runs are re-evaluated)'
-      f' or delete {path.parent} to report it as not run.'
+      f'{rerun[0].upper()}{rerun[1:]} (finished runs are re-evaluated), or move {path} aside to'
+      ' report the run as not run.'
   )
 
 
 def _read_json(path: pathlib.Path) -> Any:
   try:
     return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ReportError(f'{path} is not valid JSON ({e}). {_fix_hint(path)}') from e
   except OSError as e:
     raise ReportError(f'{path} is unreadable ({e}). {_fix_hint(path)}') from e
@@ -326,12 +334,12 @@ def _label_names(num_classes: int) -> list[str]:
 
 
 def _stage_plan(run: Run) -> str:
-  if run.config is None:
-    return 'no config.json'
-  plan = ' + '.join(
-      f'{s["name"]} {s["epochs"]} epoch{"" if s["epochs"] == 1 else "s"}'
-      for s in run.config['stages']
-  )
+  plan = 'no config.json'
+  if run.config is not None:
+    plan = ' + '.join(
+        f'{s["name"]} {s["epochs"]} epoch{"" if s["epochs"] == 1 else "s"}'
+        for s in run.config['stages']
+    )
   done, planned = run.results.get('epochs_done'), run.results.get('epochs_planned')
   if done is not None and done < planned:
     plan += f' (stopped after {done} of {planned} epochs: --stop_after_epoch)'
@@ -507,8 +515,10 @@ def read_predictions(run: Run, split: str = 'test') -> dict[str, np.ndarray] | N
   try:
     with np.load(path) as saved:
       return {k: saved[k] for k in saved.files}
-  except (OSError, ValueError) as e:
-    raise ReportError(f'{path} is unreadable ({e}). {_fix_hint(path)}') from e
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise ReportError(
+        f'{path} is unreadable ({type(e).__name__}: {e}). {_fix_hint(path)}'
+    ) from e
 
 
 def per_example_scores(predictions: Mapping[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
@@ -691,11 +701,16 @@ def subgroup_section(study: Study, plan: run_study.StudyPlan, protocol: str) -> 
   if run is None:
     return f'{title}\n\n{_status(study, f"{protocol}/fc1")}.'
   predictions = read_predictions(run)
-  if predictions is None or not all(field in predictions for field, _ in _SUBGROUPS):
+  if predictions is None:
     return (
-        f'{title}\n\nNo per-example predictions with ethnicity and gender in {run.path}:'
-        ' re-run `python -m experiments.run_study` with the same flags (finished runs are'
+        f'{title}\n\nNo per-example predictions in {run.path}: re-run'
+        ' `python -m experiments.run_study` with the same flags (finished runs are'
         ' re-evaluated and save `predictions_test.npz`).'
+    )
+  if not all(field in predictions for field, _ in _SUBGROUPS):
+    return (
+        f'{title}\n\nThe test faces of {run.path} have no ethnicity and gender'
+        ' (synthetic faces, or data without UTKFace\'s file names): no subgroups to score.'
     )
   scores = per_example_scores(predictions, len(run.results['test']['confusion']))
   rows = []
@@ -953,13 +968,20 @@ def confusion_figure(confusion: np.ndarray, title: str) -> figure.Figure:
   return fig
 
 
-def per_class_figure(per_class: Mapping[str, Sequence[float]], title: str) -> figure.Figure:
-  """Test F1 per class as bars, with the class support as a line on a second axis."""
+def per_class_figure(
+    per_class: Mapping[str, Sequence[float]], confusion: Sequence[Sequence[int]], title: str
+) -> figure.Figure:
+  """Test F1 per class as bars, with the class support as a line on a second axis.
+
+  A class neither in the labels nor predicted gets no bar: its F1 is
+  undefined ("–" in the per-class table), not 0.
+  """
   f1 = np.nan_to_num(np.asarray(per_class['f1'], dtype=np.float64))
   support = np.asarray(per_class['support'], dtype=np.float64)
+  defined = (support > 0) | (np.asarray(confusion).sum(axis=0) > 0)
   n = len(f1)
   fig, ax = _new_figure(7.0, 2.8)
-  ax.bar(np.arange(n), f1, color='tab:blue', width=0.8)
+  ax.bar(np.arange(n)[defined], f1[defined], color='tab:blue', width=0.8)
   ax.set_ylabel('F1', color='tab:blue')
   ax.set_ylim(0, 1)
   twin = ax.twinx()
@@ -1013,7 +1035,9 @@ def write_figures(run: Run, figures_dir: str | pathlib.Path) -> list[pathlib.Pat
   title = run.key
   made = {
       'confusion': confusion_figure(r['test']['confusion'], f'{title}: test confusion'),
-      'per_class_f1': per_class_figure(r['test']['per_class'], f'{title}: test F1 per class'),
+      'per_class_f1': per_class_figure(
+          r['test']['per_class'], r['test']['confusion'], f'{title}: test F1 per class'
+      ),
       'cs_curve': cs_figure(r, f'{title}: CS@k'),
       'curves': curves_figure(r['history'], r['best_epoch'], f'{title}: training curves'),
   }

@@ -224,10 +224,14 @@ class ReportTest(parameterized.TestCase):
       ('one_epoch', [1, 3], {}, 's1 1 epoch + s2 3 epochs'),
       ('stopped', [2, 2], {'epochs_done': 3, 'epochs_planned': 4},
        's1 2 epochs + s2 2 epochs (stopped after 3 of 4 epochs: --stop_after_epoch)'),
+      ('stopped_without_config', None, {'epochs_done': 1, 'epochs_planned': 4},
+       'no config.json (stopped after 1 of 4 epochs: --stop_after_epoch)'),
   )
   def test_stage_plan(self, epochs, results, expected):
-    stages = [{'name': f's{i + 1}', 'epochs': e} for i, e in enumerate(epochs)]
-    run = report.Run('dedup/fc1', pathlib.Path('.'), results, {'stages': stages}, None)
+    config = None
+    if epochs is not None:
+      config = {'stages': [{'name': f's{i + 1}', 'epochs': e} for i, e in enumerate(epochs)]}
+    run = report.Run('dedup/fc1', pathlib.Path('.'), results, config, None)
     self.assertEqual(report._stage_plan(run), expected)
 
   def test_ranges_row_leaves_tol3_blank(self):
@@ -327,7 +331,7 @@ def _write_predictions(path: pathlib.Path, pred: np.ndarray, seed: int = 0, hash
   )
 
 
-class PredictionsTest(absltest.TestCase):
+class PredictionsTest(parameterized.TestCase):
   """Paired intervals and subgroups, from runs that saved per-example predictions."""
 
   def _study(self, tmp: str, scratch_hashes=None):
@@ -376,12 +380,31 @@ class PredictionsTest(absltest.TestCase):
       section = report.subgroup_section(report.load_study(tmp), _PLAN, 'dedup')
     self.assertIn('No per-example predictions', section)
 
-  def test_unreadable_predictions_name_the_file(self):
+  def test_subgroups_need_ethnicity_and_gender(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      root = pathlib.Path(tmp)
+      _write_run(root, 'dedup/fc1', _results(100, 0.3))
+      np.savez(root / 'dedup/fc1/predictions_test.npz', label=np.arange(4), age=np.arange(4),
+               pred=np.arange(4))  # as synthetic faces save them
+      section = report.subgroup_section(report.load_study(tmp), _PLAN, 'dedup')
+    self.assertIn('have no ethnicity and gender', section)
+    self.assertNotIn('re-run', section)
+
+  @parameterized.named_parameters(
+      ('not_a_zip', lambda saved: b'not a zip'),
+      ('cut_short', lambda saved: saved[: len(saved) // 2]),
+      ('damaged', lambda saved: saved[:60] + b'\xff' * 200 + saved[260:]),
+  )
+  def test_unreadable_predictions_name_the_file(self, damage):
     with tempfile.TemporaryDirectory() as tmp:
       _write_run(pathlib.Path(tmp), 'dedup/fc1', _results(100, 0.3))
-      (pathlib.Path(tmp) / 'dedup/fc1/predictions_test.npz').write_bytes(b'not a zip')
+      path = pathlib.Path(tmp) / 'dedup/fc1/predictions_test.npz'
+      np.savez_compressed(path, pred=np.arange(1000) % 7, label=np.arange(1000) % 5)
+      path.write_bytes(damage(path.read_bytes()))
       run = report.load_study(tmp).get('dedup', 'fc1')
-      with self.assertRaisesRegex(ValueError, 'predictions_test.npz is unreadable'):
+      with self.assertRaisesRegex(
+          report.ReportError, f'{re.escape(str(path))} is unreadable .*Delete {re.escape(str(path))}'
+      ):
         report.read_predictions(run)
 
 
@@ -465,6 +488,16 @@ class MalformedRunTest(parameterized.TestCase):
       with self.assertRaisesRegex(report.ReportError, re.escape(message)) as ctx:
         report.load_study(tmp)
       self.assertIn(str(run / 'results.json'), str(ctx.exception))
+
+  def test_data_report_with_bytes_not_utf8_names_the_file_and_what_to_do(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      _write_run(pathlib.Path(tmp), 'dedup/ranges11', _results(ages.NUM_RANGES, 0.5))
+      path = pathlib.Path(tmp) / 'dedup' / 'ranges11' / 'data_report.json'
+      path.write_bytes(b'{"data": "\xff\xfe"}')
+      with self.assertRaisesRegex(
+          report.ReportError, f'{re.escape(str(path))} is not valid JSON .*Move .* aside, then re-run'
+      ):
+        report.load_study(tmp)
 
   def test_unreadable_results_names_file(self):
     with tempfile.TemporaryDirectory() as tmp:
