@@ -21,7 +21,9 @@ working set back in: on the study's network a third of a core, ~20 % of a
   (docs/performance_log.md, session 11). glibc cannot give each thread an arena
   of its own without those arenas mapping blocks over 64 MB afresh on every
   call.
-* ``'system'``: the C library's allocator with its default settings.
+* ``'system'``: the C library's allocator with its default settings; the
+  default where JAX will run on a GPU or TPU (`accelerator_expected`), whose
+  steps keep their temporaries in device memory.
 
 Under either of the first two the process keeps most of its peak heap until
 it exits. The dynamic loader and glibc read these settings when a process
@@ -56,6 +58,10 @@ _PRELOAD = 'LD_PRELOAD'
 _MIMALLOC_PACKAGE = 'cmeel-mimalloc'
 # Preloaded allocators, by file name prefix: the first is what 'mimalloc' adds.
 _ALLOCATORS = ('libmimalloc', 'libjemalloc', 'libtcmalloc')
+# JAX's GPU and TPU plugins, by distribution name prefix, and the device files
+# of the hardware they drive (NVIDIA, AMD, TPU VMs; /dev/vfio/<n> on newer TPUs).
+_ACCELERATOR_PLUGINS = ('libtpu', 'jax-cuda', 'jax-rocm', 'jax_cuda', 'jax_rocm')
+_ACCELERATOR_DEVICES = ('/dev/nvidia0', '/dev/kfd', '/dev/accel0', '/dev/vfio/0')
 
 
 def mimalloc_library() -> str | None:
@@ -79,11 +85,32 @@ def mimalloc_library() -> str | None:
   return usable[0] if usable else None
 
 
-def default_mode() -> str:
-  """`MODE_VARIABLE`, else ``'mimalloc'`` if installed, else ``'retain'``."""
-  return os.environ.get(MODE_VARIABLE) or (
-      'mimalloc' if mimalloc_library() else 'retain'
+def accelerator_expected(environ: Mapping[str, str]) -> bool:
+  """Whether JAX will run on a GPU or TPU here, judged without starting it.
+
+  ``JAX_PLATFORMS`` decides when set (its first platform is JAX's default);
+  otherwise a GPU or TPU plugin must be installed and its hardware present,
+  as JAX falls back to the CPU without either.
+  """
+  platforms = environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() != 'cpu'
+  plugins = any(
+      (d.metadata['Name'] or '').lower().startswith(_ACCELERATOR_PLUGINS)
+      for d in importlib.metadata.distributions()
   )
+  return plugins and any(os.path.exists(p) for p in _ACCELERATOR_DEVICES)
+
+
+def default_mode() -> str:
+  """`MODE_VARIABLE`; else ``'system'`` where `accelerator_expected`; else
+  ``'mimalloc'`` if installed, else ``'retain'``."""
+  chosen = os.environ.get(MODE_VARIABLE)
+  if chosen:
+    return chosen
+  if accelerator_expected(os.environ):
+    return 'system'
+  return 'mimalloc' if mimalloc_library() else 'retain'
 
 
 def _is_mimalloc(entry: str) -> bool:
@@ -157,7 +184,8 @@ def reexec(mode: str | None = None) -> None:
   Call it first thing in a program's entry point, before output is written
   or files are opened: ``os.execve`` replaces the process, so the program
   runs again from the start with the same interpreter and arguments. Returns
-  without restarting when the environment already fits.
+  without restarting when the environment already fits, and inside a Jupyter
+  or Colab kernel (``%run``), whose process is the kernel's own.
 
   Args:
     mode: One of `MODES` (see `host_malloc_env`); None for `default_mode`.
@@ -170,7 +198,7 @@ def reexec(mode: str | None = None) -> None:
   env = host_malloc_env(
       os.environ, mode, platform.libc_ver()[0], mimalloc_library()
   )
-  if env is None:
+  if env is None or 'ipykernel' in sys.modules:
     return
   sys.stdout.flush()
   sys.stderr.flush()

@@ -85,18 +85,36 @@ class HostMallocEnvTest(parameterized.TestCase):
       host_malloc.host_malloc_env({}, 'mimalloc', 'glibc', None)
 
   @parameterized.named_parameters(
-      ('variable_wins', 'system', _LIB, 'system'),
-      ('mimalloc_where_installed', None, _LIB, 'mimalloc'),
-      ('retain_otherwise', None, None, 'retain'),
+      ('variable_wins', 'system', _LIB, False, 'system'),
+      ('variable_wins_on_an_accelerator', 'mimalloc', _LIB, True, 'mimalloc'),
+      ('mimalloc_where_installed', None, _LIB, False, 'mimalloc'),
+      ('retain_otherwise', None, None, False, 'retain'),
+      ('system_on_an_accelerator', None, _LIB, True, 'system'),
   )
-  def test_default_mode(self, variable, library, expected):
+  def test_default_mode(self, variable, library, accelerator, expected):
     env = {k: v for k, v in os.environ.items() if k != host_malloc.MODE_VARIABLE}
     if variable:
       env[host_malloc.MODE_VARIABLE] = variable
     with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(
         host_malloc, 'mimalloc_library', return_value=library
-    ):
+    ), mock.patch.object(host_malloc, 'accelerator_expected', return_value=accelerator):
       self.assertEqual(host_malloc.default_mode(), expected)
+
+  @parameterized.named_parameters(
+      ('tpu_first', {'JAX_PLATFORMS': 'tpu,cpu'}, (), (), True),
+      ('cpu_first', {'JAX_PLATFORMS': 'cpu,cuda'}, ('jax-cuda12-plugin',), ('/dev/nvidia0',), False),
+      ('cuda_plugin_and_gpu', {}, ('jax-cuda12-plugin', 'numpy'), ('/dev/nvidia0',), True),
+      ('libtpu_on_a_tpu_vm', {}, ('libtpu',), ('/dev/accel0',), True),
+      ('plugin_without_its_device', {}, ('jax-cuda12-plugin',), (), False),
+      ('device_without_a_plugin', {}, ('numpy',), ('/dev/nvidia0',), False),
+      ('empty_platforms_is_unset', {'JAX_PLATFORMS': ''}, ('libtpu',), ('/dev/vfio/0',), True),
+  )
+  def test_accelerator_expected(self, environ, installed, devices, expected):
+    dists = [mock.Mock(metadata={'Name': name}) for name in installed]
+    with mock.patch.object(
+        host_malloc.importlib.metadata, 'distributions', return_value=dists
+    ), mock.patch.object(os.path, 'exists', side_effect=lambda path: path in devices):
+      self.assertEqual(host_malloc.accelerator_expected(environ), expected)
 
   @parameterized.named_parameters(
       ('plain', '/site/cmeel.prefix/lib', True),
@@ -133,6 +151,8 @@ _SCRIPT = textwrap.dedent("""
     import os, sys
     print('started', flush=True)
     from agejax import host_malloc
+    if os.environ.get('IN_KERNEL'):
+      sys.modules['ipykernel'] = sys  # as when a notebook kernel runs the program
     host_malloc.reexec(*sys.argv[1:2])
     print('args', sys.argv[1:])
     print('env', [os.environ.get(k) for k in sorted(host_malloc.RETAIN_ENV)])
@@ -184,6 +204,13 @@ class ReexecTest(parameterized.TestCase):
     self.assertEqual(
         lines,
         ['started', 'args []', 'env [None, None, None]', 'purge None', 'mimalloc False'],
+    )
+
+  def test_no_restart_in_a_notebook_kernel(self):
+    lines = self._run(['retain'], {**self._clean_env(), 'IN_KERNEL': '1'})
+    self.assertEqual(
+        lines,
+        ['started', "args ['retain']", 'env [None, None, None]', 'purge None', 'mimalloc False'],
     )
 
   def test_system_removes_settings(self):
