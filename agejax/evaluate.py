@@ -36,6 +36,7 @@ def _sharded_batches(
 ) -> Iterator[dict[str, jax.Array]]:
   """`batching.eval_batches` of ``arrays``, each split over ``mesh`` (default: every device)."""
   mesh = parallel.data_mesh() if mesh is None else mesh
+  parallel.check_platform(mesh)
   parallel.check_batch_size(batch_size, mesh)
   for batch in batching.eval_batches(arrays, batch_size):
     yield parallel.shard_batch(batch, mesh)

@@ -52,6 +52,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def check_platform(mesh: Mesh) -> None:
+  """Raises unless the mesh's devices are of JAX's default backend.
+
+  agejax picks its kernels from ``jax.default_backend()`` when a step is
+  traced (`agejax.conv`: its CPU formulations and oneDNN's kernels on a
+  CPU, ``lax.conv`` elsewhere), so on another platform's devices a step
+  would run kernels chosen for the wrong one, or fail to compile.
+  """
+  platform, default = mesh.devices.flat[0].platform, jax.default_backend()
+  if platform != default:
+    raise ValueError(
+        f"The mesh's devices are {platform} devices, but JAX's default backend is {default},"
+        f' from which agejax picks its kernels. Use a mesh of {default} devices'
+        f' (agejax.parallel.data_mesh()), or put {platform} first in JAX_PLATFORMS.'
+    )
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
   """Raises unless ``batch_size`` splits evenly over the mesh's devices."""
   if DATA_AXIS not in mesh.shape:

@@ -219,6 +219,7 @@ def train_and_evaluate(
   """
   workdir = pathlib.Path(workdir)
   mesh = parallel.data_mesh() if mesh is None else mesh
+  parallel.check_platform(mesh)
   for size in (config.batch_size, config.eval_batch_size):
     parallel.check_batch_size(size, mesh)
   missing = [s for s in ('train', 'validation') if s not in data]

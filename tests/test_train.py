@@ -10,6 +10,7 @@ from unittest import mock
 from absl.testing import absltest
 from absl.testing import parameterized
 import chex
+import jax
 import numpy as np
 
 from agejax import checkpoints
@@ -308,6 +309,17 @@ class TrainAndEvaluateTest(parameterized.TestCase):
             _config(**fields), data, tmp, log=lines.append, show_progress=False,
         )
       self.assertEqual(lines, [])
+      self.assertEqual(list(pathlib.Path(tmp).iterdir()), [])
+
+
+  def test_mesh_of_another_platform_raises_before_anything_is_written(self):
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(
+        jax, 'default_backend', return_value='tpu'
+    ):
+      with self.assertRaisesRegex(
+          ValueError, "mesh's devices are cpu devices, but JAX's default backend is tpu"
+      ):
+        train.train_and_evaluate(_config(), _data(), tmp, log=lambda _: None, show_progress=False)
       self.assertEqual(list(pathlib.Path(tmp).iterdir()), [])
 
 
