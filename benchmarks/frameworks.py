@@ -5,7 +5,8 @@ Keras and PyTorch on CPU, and to evaluate at least as fast as Keras. This
 script builds the same network (1,635,556 parameters incl. BatchNorm
 statistics, 100 classes) in each framework and prints images/s and ratios.
 Each framework runs on its default device: the GPU where there is one
-(PyTorch: CUDA when available), else the CPU.
+(PyTorch: CUDA when available), else the CPU; the output's first line names
+each one's device.
 
 Each framework runs in its own worker process (so thread pools do not
 compete) and the driver asks the workers for one timed repeat in turn, so
@@ -307,13 +308,29 @@ def _builder(framework: str, scan_batches: int) -> StepBuilder:
   raise ValueError(f'Unknown framework {framework!r}; expected {FRAMEWORKS}.')
 
 
+def device_of(framework: str) -> str:
+  """The device ``framework`` computes on (its default), for the record."""
+  if framework.startswith('agejax-'):
+    import jax  # pylint: disable=g-import-not-at-top
+    device = jax.devices()[0]
+    return f'{device.platform} ({device.device_kind})'
+  if framework.startswith('torch'):
+    import torch  # pylint: disable=g-import-not-at-top
+    if torch.cuda.is_available():
+      return f'cuda ({torch.cuda.get_device_name()})'
+    return 'cpu'
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  gpus = tf.config.list_physical_devices('GPU')
+  return f'gpu ({gpus[0].name})' if gpus else 'cpu'
+
+
 def _worker(
     framework: str, conn: Any, steps: int, warmup: int, scan_batches: int
 ) -> None:
   """Serves timing requests: receives a case, answers images/s."""
   build = _builder(framework, scan_batches)
   runs: dict[Case, tuple[Callable[[], None], int]] = {}
-  conn.send('ready')
+  conn.send(device_of(framework))
   while (case := conn.recv()) is not None:
     if case not in runs:
       runs[case] = build(case)
@@ -334,8 +351,8 @@ def measure(
     warmup: int,
     scan_batches: int = 4,
     settle_s: float = 0.0,
-) -> dict[tuple[str, Case], list[float]]:
-  """Images/s per (framework, case), one sample per round.
+) -> tuple[dict[tuple[str, Case], list[float]], dict[str, str]]:
+  """Images/s per (framework, case), one sample per round; each framework's device.
 
   Each case runs ``repeats`` rounds; in a round every framework times one
   repeat, in turn. ``settle_s`` seconds of pause before each timed repeat
@@ -351,8 +368,7 @@ def measure(
     )
     proc.start()
     workers[fw] = (proc, parent)
-  for _, conn in workers.values():
-    conn.recv()
+  devices = {fw: conn.recv() for fw, (_, conn) in workers.items()}
   samples: dict[tuple[str, Case], list[float]] = {}
   try:
     for case in cases:
@@ -368,7 +384,7 @@ def measure(
         conn.send(None)
         proc.join(timeout=60)
       proc.terminate()
-  return samples
+  return samples, devices
 
 
 def format_table(
@@ -419,7 +435,7 @@ def main(argv: Sequence[str]) -> None:
   cases: list[Case] = [('train', int(b)) for b in _BATCH_SIZES.value]
   if _EVAL_BATCH_SIZE.value:
     cases.append(('eval', _EVAL_BATCH_SIZE.value))
-  samples = measure(
+  samples, devices = measure(
       frameworks,
       cases,
       _REPEATS.value,
@@ -428,6 +444,7 @@ def main(argv: Sequence[str]) -> None:
       _SCAN_BATCHES.value,
       _SETTLE_S.value,
   )
+  print('devices:', ', '.join(f'{fw} {device}' for fw, device in devices.items()))
   print(
       f'images/s, median of {_REPEATS.value} rounds of {_STEPS.value} steps;'
       ' ratios: median of the rounds (lowest-highest)'

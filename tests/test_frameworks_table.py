@@ -1,4 +1,4 @@
-"""Tests for benchmarks.frameworks.format_table: medians and paired ratios."""
+"""Tests for benchmarks.frameworks: the table's medians and paired ratios, the device record."""
 
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ class FormatTableTest(absltest.TestCase):
             '| agejax-bf16 / keras | 2.00x (2.00-2.00) |',
         ],
     )
+
+
+class DeviceTest(absltest.TestCase):
+
+  def test_agejax_reports_its_default_device(self):
+    self.assertEqual(frameworks.device_of('agejax-auto'), 'cpu (cpu)')
 
 
 if __name__ == '__main__':
