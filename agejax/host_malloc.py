@@ -35,6 +35,7 @@ Linux is handled; elsewhere nothing changes.
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import os
 import platform
@@ -61,7 +62,7 @@ _ALLOCATORS = ('libmimalloc', 'libjemalloc', 'libtcmalloc')
 # JAX's GPU and TPU plugins, by distribution name prefix, and the device files
 # of the hardware they drive (NVIDIA, AMD, TPU VMs; /dev/vfio/<n> on newer TPUs).
 _ACCELERATOR_PLUGINS = ('libtpu', 'jax-cuda', 'jax-rocm', 'jax_cuda', 'jax_rocm')
-_ACCELERATOR_DEVICES = ('/dev/nvidia0', '/dev/kfd', '/dev/accel0', '/dev/vfio/0')
+_ACCELERATOR_DEVICES = ('/dev/nvidia[0-9]*', '/dev/kfd', '/dev/accel[0-9]*', '/dev/vfio/[0-9]*')
 
 
 def mimalloc_library() -> str | None:
@@ -99,7 +100,7 @@ def accelerator_expected(environ: Mapping[str, str]) -> bool:
       (d.metadata['Name'] or '').lower().startswith(_ACCELERATOR_PLUGINS)
       for d in importlib.metadata.distributions()
   )
-  return plugins and any(os.path.exists(p) for p in _ACCELERATOR_DEVICES)
+  return plugins and any(glob.glob(pattern) for pattern in _ACCELERATOR_DEVICES)
 
 
 def default_mode() -> str:

@@ -1,5 +1,6 @@
 """Tests for agejax.host_malloc."""
 
+import fnmatch
 import importlib.metadata
 import os
 import platform
@@ -105,15 +106,18 @@ class HostMallocEnvTest(parameterized.TestCase):
       ('cpu_first', {'JAX_PLATFORMS': 'cpu,cuda'}, ('jax-cuda12-plugin',), ('/dev/nvidia0',), False),
       ('cuda_plugin_and_gpu', {}, ('jax-cuda12-plugin', 'numpy'), ('/dev/nvidia0',), True),
       ('libtpu_on_a_tpu_vm', {}, ('libtpu',), ('/dev/accel0',), True),
-      ('plugin_without_its_device', {}, ('jax-cuda12-plugin',), (), False),
+      ('libtpu_on_a_newer_tpu', {}, ('libtpu',), ('/dev/vfio/3',), True),
+      ('plugin_without_its_device', {}, ('jax-cuda12-plugin',), ('/dev/vfio/vfio',), False),
       ('device_without_a_plugin', {}, ('numpy',), ('/dev/nvidia0',), False),
-      ('empty_platforms_is_unset', {'JAX_PLATFORMS': ''}, ('libtpu',), ('/dev/vfio/0',), True),
+      ('empty_platforms_is_unset', {'JAX_PLATFORMS': ''}, ('libtpu',), ('/dev/accel1',), True),
   )
   def test_accelerator_expected(self, environ, installed, devices, expected):
     dists = [mock.Mock(metadata={'Name': name}) for name in installed]
     with mock.patch.object(
         host_malloc.importlib.metadata, 'distributions', return_value=dists
-    ), mock.patch.object(os.path, 'exists', side_effect=lambda path: path in devices):
+    ), mock.patch.object(
+        host_malloc.glob, 'glob', side_effect=lambda pattern: fnmatch.filter(devices, pattern)
+    ):
       self.assertEqual(host_malloc.accelerator_expected(environ), expected)
 
   @parameterized.named_parameters(
