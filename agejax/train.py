@@ -213,9 +213,10 @@ def train_and_evaluate(
     ``confusion`` matrix.
 
   Raises:
-    ValueError: before anything is written, when a split's arrays do not fit
-      the model (`agejax.batching.check_arrays`) or a score name in
-      ``config`` is unknown (`check_score_names`).
+    ValueError: before anything is written, when ``mesh`` is not of JAX's
+      default backend (`agejax.parallel.check_platform`), a split's arrays
+      do not fit the model (`agejax.batching.check_arrays`) or a score name
+      in ``config`` is unknown (`check_score_names`).
   """
   workdir = pathlib.Path(workdir)
   mesh = parallel.data_mesh() if mesh is None else mesh
