@@ -179,6 +179,8 @@ def _fix_hint(path: pathlib.Path) -> str:
     return f'Move {path} aside, then {rerun} to write it again.'
   if path.suffix == '.npz':  # optional: the report does without it
     return f'Delete {path}, or {rerun} (finished runs are re-evaluated and save it again).'
+  if path.name == 'config.json':  # optional too
+    return f'Move {path} aside (the report does without it), or {rerun} to write it again.'
   return (
       f'{rerun[0].upper()}{rerun[1:]} (finished runs are re-evaluated), or move {path} aside to'
       ' report the run as not run.'
