@@ -43,6 +43,20 @@ _SHAPES = (
     # chunks and one image left over.
     (5, 11, 9, 3, 4, (3, 3)),
 )
+# Also run op by op (chex's without_jit). A formulation is chosen from the
+# static shapes, so eagerly it runs as under jit: one shape per path is
+# enough (oneDNN from 1 and 32 input channels, the latter's kernel gradient
+# in chunks by Winograd F(4, 3); Winograd both ways; an odd kernel on lax;
+# the Eigen forward; chunks of a 4-tall kernel's gradient by im2col).
+_EAGER_SHAPES = (
+    (2, 48, 48, 1, 32, (3, 3)),
+    (2, 46, 46, 32, 64, (3, 3)),
+    (2, 9, 9, 128, 128, (3, 3)),
+    (3, 11, 7, 5, 6, (3, 2)),
+    (3, 13, 9, 8, 6, (3, 2)),
+    (5, 30, 26, 8, 3, (4, 1)),
+)
+_JIT_ONLY_SHAPES = tuple(s for s in _SHAPES if s not in _EAGER_SHAPES)
 
 # The thresholds that pick each formulation; patching them forces one path.
 # The Eigen forward and the kernel gradient in chunks of 1 or 2 images:
@@ -137,8 +151,15 @@ def _assert_falls_back_to_lax(fn, x, k, **overrides):
 class ConvBiasReluTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*_SHAPES)
-  def test_values_and_gradients_match_lax(self, b, h, w, cin, cout, kernel):
+  @parameterized.parameters(*_EAGER_SHAPES)
+  def test_values_and_gradients_match_lax_with_and_without_jit(self, *shape):
+    self._check_values_and_gradients(self.variant, *shape)
+
+  @parameterized.parameters(*_JIT_ONLY_SHAPES)
+  def test_values_and_gradients_match_lax(self, *shape):
+    self._check_values_and_gradients(jax.jit, *shape)
+
+  def _check_values_and_gradients(self, variant, b, h, w, cin, cout, kernel):
     x, k = _inputs(b, h, w, cin, cout, kernel)
     bias = jax.random.normal(jax.random.PRNGKey(3), (cout,)) * 0.3
 
@@ -151,7 +172,7 @@ class ConvBiasReluTest(chex.TestCase):
       return y, pullback(_cotangent(y.shape))
 
     want = value_and_grads(reference, x, k, bias)
-    got = self.variant(lambda *a: value_and_grads(conv.conv_bias_relu, *a))(x, k, bias)
+    got = variant(lambda *a: value_and_grads(conv.conv_bias_relu, *a))(x, k, bias)
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
     # The ReLU zeroed some outputs and gradients.
     self.assertGreater(float(jnp.mean(got[0] == 0)), 0.1)
@@ -183,12 +204,19 @@ class ConvBiasReluTest(chex.TestCase):
 class MatmulConvTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.product(shape=_SHAPES, padding=('VALID', 'SAME'))
+  @parameterized.product(shape=_EAGER_SHAPES, padding=('VALID', 'SAME'))
+  def test_forward_and_gradients_match_lax_with_and_without_jit(self, shape, padding):
+    self._check_forward_and_gradients(self.variant, shape, padding)
+
+  @parameterized.product(shape=_JIT_ONLY_SHAPES, padding=('VALID', 'SAME'))
   def test_forward_and_gradients_match_lax(self, shape, padding):
+    self._check_forward_and_gradients(jax.jit, shape, padding)
+
+  def _check_forward_and_gradients(self, variant, shape, padding):
     x, k = _inputs(*shape)
     kwargs = dict(padding=padding, dimension_numbers=_NHWC)
     want_y, want_grads = _vjp(lax.conv_general_dilated, x, k, **kwargs)
-    got_y, got_grads = self.variant(
+    got_y, got_grads = variant(
         lambda a, b: _vjp(conv.matmul_conv_general_dilated, a, b, **kwargs)
     )(x, k)
     chex.assert_shape(got_y, want_y.shape)
