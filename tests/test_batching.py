@@ -142,7 +142,8 @@ class BadArraysTest(parameterized.TestCase):
 
 def _with(key, value):
   def make(n):
-    return {**_arrays(n), key: value(_arrays(n)[key])}
+    arrays = _arrays(n)
+    return {**arrays, key: value(arrays[key])}
 
   return make
 
