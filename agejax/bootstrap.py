@@ -20,6 +20,7 @@ per-example differences gives the paired interval.
 from __future__ import annotations
 
 from collections.abc import Callable
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +29,15 @@ import numpy as np
 Score = Callable[[jax.Array], jax.Array]
 
 
-def _check_cm(cm: jax.Array | np.ndarray) -> jax.Array:
-  cm = jnp.asarray(cm)
+def _check_cm(cm: jax.Array | np.ndarray) -> np.ndarray:
+  cm = np.asarray(cm)
   if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
     raise ValueError(f'confusion matrix must have shape [C, C], got {cm.shape}.')
-  if not jnp.issubdtype(cm.dtype, jnp.integer) or bool(jnp.any(cm < 0)):
+  if not np.issubdtype(cm.dtype, np.integer) or bool(np.any(cm < 0)):
     raise ValueError('confusion matrix must hold non-negative integer counts.')
-  if int(jnp.sum(cm)) == 0:
+  if int(np.sum(cm)) == 0:
     raise ValueError('confusion matrix is empty: there is nothing to resample.')
-  return cm.astype(jnp.int32)
+  return cm.astype(np.int32)
 
 
 def resample_confusion(key: jax.Array, cm: jax.Array, num_samples: int) -> jax.Array:
@@ -52,13 +53,41 @@ def resample_confusion(key: jax.Array, cm: jax.Array, num_samples: int) -> jax.A
   """
   cm = _check_cm(cm)
   _check_num_samples(num_samples)
+  return _resample(key, cm, num_samples, int(np.sum(cm)))
+
+
+@functools.partial(jax.jit, static_argnames=('num_samples', 'num_examples'))
+def _resample(
+    key: jax.Array, cm: jax.Array, num_samples: int, num_examples: int
+) -> jax.Array:
+  """`resample_confusion` of a checked ``cm`` holding ``num_examples`` examples."""
   counts = cm.ravel()
-  n = int(jnp.sum(counts))
   # Example e (in cell order) lies in cell searchsorted(cumsum, e, 'right').
-  cells = jnp.searchsorted(jnp.cumsum(counts), jnp.arange(n), side='right')
-  drawn = cells[jax.random.randint(key, (num_samples, n), 0, n)]
+  cells = jnp.searchsorted(jnp.cumsum(counts), jnp.arange(num_examples), side='right')
+  drawn = cells[jax.random.randint(key, (num_samples, num_examples), 0, num_examples)]
   samples = jax.vmap(lambda c: jnp.bincount(c, length=counts.size))(drawn)
   return samples.reshape(num_samples, *cm.shape).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=('score', 'num_samples', 'num_examples')
+)
+def _resampled_scores(
+    key: jax.Array, cm: jax.Array, score: Score, num_samples: int, num_examples: int
+) -> jax.Array:
+  """``score`` of each of `_resample`'s matrices, as one compiled program.
+
+  Compiled once per score function, matrix shape and number of examples
+  (every run of a study scores the same test set), instead of once per
+  operation on first use.
+  """
+  return jax.vmap(score)(_resample(key, cm, num_samples, num_examples))
+
+
+def _scores(key: jax.Array, cm: jax.Array, score: Score, num_samples: int) -> jax.Array:
+  cm = _check_cm(cm)
+  _check_num_samples(num_samples)
+  return _resampled_scores(key, cm, score, num_samples, int(np.sum(cm)))
 
 
 def interval(
@@ -82,8 +111,7 @@ def interval(
     ``(low, high)``.
   """
   _check_level(level)
-  values = jax.vmap(score)(resample_confusion(key, cm, num_samples))
-  return _percentiles(values, level)
+  return _percentiles(_scores(key, cm, score, num_samples), level)
 
 
 def difference_interval(
@@ -102,8 +130,8 @@ def difference_interval(
   """
   _check_level(level)
   key_a, key_b = jax.random.split(key)
-  values_a = jax.vmap(score)(resample_confusion(key_a, cm_a, num_samples))
-  values_b = jax.vmap(score)(resample_confusion(key_b, cm_b, num_samples))
+  values_a = _scores(key_a, cm_a, score, num_samples)
+  values_b = _scores(key_b, cm_b, score, num_samples)
   return _percentiles(values_a - values_b, level)
 
 
@@ -126,9 +154,14 @@ def mean_interval(
   if values.ndim != 1 or values.shape[0] == 0:
     raise ValueError(f'values must have shape [n] with n >= 1, got {values.shape}.')
   _check_num_samples(num_samples)
+  return _percentiles(_resampled_means(key, values, num_samples), level)
+
+
+@functools.partial(jax.jit, static_argnames='num_samples')
+def _resampled_means(key: jax.Array, values: jax.Array, num_samples: int) -> jax.Array:
+  """Means of ``num_samples`` resamples of ``values``, as one compiled program."""
   n = values.shape[0]
-  means = jnp.mean(values[jax.random.randint(key, (num_samples, n), 0, n)], axis=1)
-  return _percentiles(means, level)
+  return jnp.mean(values[jax.random.randint(key, (num_samples, n), 0, n)], axis=1)
 
 
 def _check_num_samples(num_samples: int) -> None:

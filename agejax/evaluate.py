@@ -60,6 +60,10 @@ def accumulate(
   return jax.device_get(totals)
 
 
+# One compiled program per number of classes, not one per operation.
+_per_class_scores = jax.jit(metrics.precision_recall_f1_support)
+
+
 def summarize(
     totals: Mapping[str, np.ndarray], *, config: config_lib.StepConfig
 ) -> dict[str, Any]:
@@ -91,7 +95,7 @@ def summarize(
     summary = {k: v for k, v in summary.items() if not k.startswith(_ORDINAL_PREFIXES)}
   elif values is not None:
     summary = {k: v for k, v in summary.items() if not k.startswith(_TOLERANCE_PREFIX)}
-  p, r, f1, support = jax.device_get(metrics.precision_recall_f1_support(cm))
+  p, r, f1, support = jax.device_get(_per_class_scores(cm))
   summary['per_class'] = {
       'precision': p.tolist(),
       'recall': r.tolist(),

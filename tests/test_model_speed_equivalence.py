@@ -28,6 +28,7 @@ gradient is exact and tested in tests/test_conv.py and below.
 from __future__ import annotations
 
 import contextlib
+import functools
 from unittest import mock
 
 from absl.testing import absltest
@@ -59,11 +60,22 @@ def _average_pool_for(impl: str, window: tuple[int, int]) -> conv.PoolFn:
   return lambda x: nn.avg_pool(x, window, strides=window)
 
 
+@functools.cache
+def _variables() -> dict[str, jax.Array]:
+  """The age network's initial variables, whatever its implementation or dtype.
+
+  Initialized once: the parameters (float32) and their initializers do not
+  depend on ``conv_impl``, ``dtype``, ``frozen_bn`` or the batch size.
+  """
+  net = model.age_model(conv_impl='lax')
+  return jax.jit(lambda x: net.init(jax.random.PRNGKey(0), x, train=False))(
+      jnp.zeros((1, 48, 48, 1))
+  )
+
+
 def _step(net: model.CNN, images: jax.Array, labels: jax.Array):
   """Loss, logits, new BatchNorm statistics and parameter gradients."""
-  variables = jax.jit(
-      lambda x: net.init(jax.random.PRNGKey(0), x, train=False)
-  )(images)
+  variables = _variables()
 
   def loss_fn(params):
     logits, updates = net.apply(
@@ -84,27 +96,31 @@ def _step(net: model.CNN, images: jax.Array, labels: jax.Array):
 
 class CnnSpeedEquivalenceTest(parameterized.TestCase):
 
-  @parameterized.product(batch=(2, 26), use_onednn=(True, False))
-  def test_matmul_training_step_equals_lax(self, batch, use_onednn):
+  @parameterized.parameters(2, 26)
+  def test_matmul_training_step_equals_lax(self, batch):
     # Winograd both ways from 64 input channels; the 46x46x32 layer's kernel
     # gradient as one im2col product at batch 2, in chunks of 4 images (and
     # 2 left over) at batch 26; oneDNN's kernels where `agejax.onednn` is
-    # available, and XLA's own as on CPUs without AVX-512. Dropout is on;
-    # BatchNorm uses its running statistics and both networks pool by
-    # averaging (see module docstring).
+    # available, and XLA's own as on CPUs without AVX-512 (the lax network
+    # uses neither). Dropout is on; BatchNorm uses its running statistics and
+    # both networks pool by averaging (see module docstring).
     images, labels = _batch(batch)
-    no_onednn = mock.patch.object(onednn, 'available', return_value=False)
-    with (
-        mock.patch.object(conv, 'max_pool_for', _average_pool_for),
-        contextlib.nullcontext() if use_onednn else no_onednn,
-    ):
+    with mock.patch.object(conv, 'max_pool_for', _average_pool_for):
       want = _step(
           model.age_model(conv_impl='lax', frozen_bn=_ALL_BN), images, labels
       )
-      got = _step(
-          model.age_model(conv_impl='matmul', frozen_bn=_ALL_BN), images, labels
-      )
-    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
+      no_onednn = mock.patch.object(onednn, 'available', return_value=False)
+      for use_onednn in (True, False):
+        with (
+            self.subTest(use_onednn=use_onednn),
+            contextlib.nullcontext() if use_onednn else no_onednn,
+        ):
+          got = _step(
+              model.age_model(conv_impl='matmul', frozen_bn=_ALL_BN),
+              images,
+              labels,
+          )
+          chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
 
   def test_ynnpack_training_step_equals_lax(self):
     # The first convolution as shifted products, its ReLU as a select; the
@@ -206,7 +222,7 @@ class CnnSpeedEquivalenceTest(parameterized.TestCase):
     # shifted products) from 128 up; values agree either way.
     images, _ = _batch(batch)
     net = model.age_model(conv_impl='auto')
-    variables = net.init(jax.random.PRNGKey(0), images[:1], train=False)
+    variables = _variables()
     apply = lambda v, x: net.apply(v, x, train=False)
     jaxpr = str(jax.make_jaxpr(apply)(variables, images))
     self.assertEqual('custom_vjp_call' in jaxpr, matmul)
