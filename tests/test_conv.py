@@ -94,19 +94,26 @@ _NHWC_PATCHES = dict(
 _IM2COL_CHUNKS = dict(_CHUNKS_OF_2, _WINOGRAD_KERNEL_GRAD_DTYPES=())
 
 
+def _normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+  """Standard normal float32 values, drawn on the host.
+
+  Not with jax.random: each new shape would compile a threefry program
+  (~1 s on 2 cores), and one drawn inside a jitted test function is
+  compiled with it.
+  """
+  return np.random.default_rng(seed).standard_normal(shape, np.float32)
+
+
 def _inputs(b, h, w, cin, cout, kernel, seed=0):
-  """Unit-scale input, fan-in-scaled kernel, and an output cotangent."""
-  kx, kw = jax.random.split(jax.random.PRNGKey(seed))
-  x = jax.random.normal(kx, (b, h, w, cin))
-  fan_in = kernel[0] * kernel[1] * cin
-  k = jax.random.normal(kw, (*kernel, cin, cout)) / jnp.sqrt(fan_in)
-  return x, k
+  """Unit-scale input and fan-in-scaled kernel."""
+  x = _normal(seed, (b, h, w, cin))
+  k = _normal(seed + 1, (*kernel, cin, cout)) * (kernel[0] * kernel[1] * cin) ** -0.5
+  return jnp.asarray(x), jnp.asarray(k)
 
 
 def _cotangent(shape):
   """A fixed output cotangent, scaled so that gradients are unit-scale."""
-  g = jax.random.normal(jax.random.PRNGKey(7), shape)
-  return g / jnp.sqrt(shape[0] * shape[1] * shape[2])
+  return jnp.asarray(_normal(7, shape) * (shape[0] * shape[1] * shape[2]) ** -0.5)
 
 
 def _vjp(fn, x, k, **kwargs):
@@ -161,7 +168,7 @@ class ConvBiasReluTest(chex.TestCase):
 
   def _check_values_and_gradients(self, variant, b, h, w, cin, cout, kernel):
     x, k = _inputs(b, h, w, cin, cout, kernel)
-    bias = jax.random.normal(jax.random.PRNGKey(3), (cout,)) * 0.3
+    bias = jnp.asarray(_normal(3, (cout,)) * 0.3)
 
     def reference(x, k, bias):
       y = lax.conv_general_dilated(x, k, (1, 1), 'VALID', dimension_numbers=_NHWC)
@@ -671,8 +678,8 @@ class YnnpackConvTest(chex.TestCase):
 
 def _pool_inputs(shape, seed=0):
   """Values on a coarse grid (many ties) and ReLU zeros (4-way ties)."""
-  x = jnp.round(jax.random.normal(jax.random.PRNGKey(seed), shape) * 2) / 2
-  return jnp.where(x < 0, 0.0, x)
+  x = np.round(_normal(seed, shape) * 2) / 2
+  return jnp.asarray(np.where(x < 0, 0.0, x))
 
 
 class MaxPoolFastTest(chex.TestCase):
@@ -694,7 +701,7 @@ class MaxPoolFastTest(chex.TestCase):
     want_y, want_pullback = jax.vjp(
         lambda a: nn.max_pool(a, window, strides=window), x
     )
-    g = jax.random.normal(jax.random.PRNGKey(1), want_y.shape)
+    g = jnp.asarray(_normal(1, want_y.shape))
     got_y, got_dx = self.variant(
         lambda a, b: (
             lambda y_vjp: (y_vjp[0], y_vjp[1](b)[0])

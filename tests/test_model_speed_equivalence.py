@@ -37,6 +37,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from agejax import conv
 from agejax import model
@@ -49,9 +50,13 @@ _ALL_BN = tuple(f'block{b}/bn{c}' for b in (1, 2, 3) for c in (1, 2)) + tuple(
 
 
 def _batch(batch: int) -> tuple[jax.Array, jax.Array]:
-  kx, ky = jax.random.split(jax.random.PRNGKey(1))
-  images = jax.random.uniform(kx, (batch, 48, 48, 1))
-  return images, jax.random.randint(ky, (batch,), 0, 100)
+  """Images in [0, 1) and age labels, drawn on the host.
+
+  Not with jax.random, which would compile a program for each batch size.
+  """
+  rng = np.random.default_rng(1)
+  images = rng.random((batch, 48, 48, 1), np.float32)
+  return jnp.asarray(images), jnp.asarray(rng.integers(0, 100, batch, np.int32))
 
 
 def _average_pool_for(impl: str, window: tuple[int, int]) -> conv.PoolFn:
