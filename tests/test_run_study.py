@@ -19,8 +19,11 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 # A run that needs a second after Ctrl-C to finish (as training finishes its
 # checkpoint saves), started through run_study._run.
 _PARENT = textwrap.dedent('''
-    import sys
+    import signal, sys
     from experiments import run_study
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, also when the tests
+    # run in a background job, which starts this process with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     child = (
         'import pathlib, signal, sys, time\\n'
         'def stop(*_):\\n'
