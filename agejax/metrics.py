@@ -541,6 +541,7 @@ def _compiled_summary(
     labels: str,
     zero_division: float,
 ) -> dict[str, jax.Array]:
+  """`summary_from_confusion` as one program per matrix shape and options."""
   return summary_from_confusion(
       cm,
       ks=ks,
