@@ -47,6 +47,16 @@ def abstract_variables(model_config):
   return jax.tree.map(lambda s: s, _abstract_variables(model_config))
 
 
+def normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+  """Standard normal float32 values, drawn with NumPy.
+
+  Not with ``jax.random``: each new shape compiles a threefry program (~1 s
+  on 2 cores), and one drawn inside a jitted test function is compiled with
+  it.
+  """
+  return np.random.default_rng(seed).standard_normal(shape, np.float32)
+
+
 def fill(abstract, seed=0):
   """NumPy float32 values for an abstract tree, random but valid.
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from agejax import conv
 from agejax import onednn
+from tests import fakes
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _TOL = 1e-5
@@ -94,26 +95,16 @@ _NHWC_PATCHES = dict(
 _IM2COL_CHUNKS = dict(_CHUNKS_OF_2, _WINOGRAD_KERNEL_GRAD_DTYPES=())
 
 
-def _normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-  """Standard normal float32 values, drawn on the host.
-
-  Not with jax.random: each new shape would compile a threefry program
-  (~1 s on 2 cores), and one drawn inside a jitted test function is
-  compiled with it.
-  """
-  return np.random.default_rng(seed).standard_normal(shape, np.float32)
-
-
 def _inputs(b, h, w, cin, cout, kernel, seed=0):
   """Unit-scale input and fan-in-scaled kernel."""
-  x = _normal(seed, (b, h, w, cin))
-  k = _normal(seed + 1, (*kernel, cin, cout)) * (kernel[0] * kernel[1] * cin) ** -0.5
+  x = fakes.normal(seed, (b, h, w, cin))
+  k = fakes.normal(seed + 1, (*kernel, cin, cout)) * (kernel[0] * kernel[1] * cin) ** -0.5
   return jnp.asarray(x), jnp.asarray(k)
 
 
 def _cotangent(shape):
   """A fixed output cotangent, scaled so that gradients are unit-scale."""
-  return jnp.asarray(_normal(7, shape) * (shape[0] * shape[1] * shape[2]) ** -0.5)
+  return jnp.asarray(fakes.normal(7, shape) * (shape[0] * shape[1] * shape[2]) ** -0.5)
 
 
 def _vjp(fn, x, k, **kwargs):
@@ -168,7 +159,7 @@ class ConvBiasReluTest(chex.TestCase):
 
   def _check_values_and_gradients(self, variant, b, h, w, cin, cout, kernel):
     x, k = _inputs(b, h, w, cin, cout, kernel)
-    bias = jnp.asarray(_normal(3, (cout,)) * 0.3)
+    bias = jnp.asarray(fakes.normal(3, (cout,)) * 0.3)
 
     def reference(x, k, bias):
       y = lax.conv_general_dilated(x, k, (1, 1), 'VALID', dimension_numbers=_NHWC)
@@ -678,7 +669,7 @@ class YnnpackConvTest(chex.TestCase):
 
 def _pool_inputs(shape, seed=0):
   """Values on a coarse grid (many ties) and ReLU zeros (4-way ties)."""
-  x = np.round(_normal(seed, shape) * 2) / 2
+  x = np.round(fakes.normal(seed, shape) * 2) / 2
   return jnp.asarray(np.where(x < 0, 0.0, x))
 
 
@@ -701,7 +692,7 @@ class MaxPoolFastTest(chex.TestCase):
     want_y, want_pullback = jax.vjp(
         lambda a: nn.max_pool(a, window, strides=window), x
     )
-    g = jnp.asarray(_normal(1, want_y.shape))
+    g = jnp.asarray(fakes.normal(1, want_y.shape))
     got_y, got_dx = self.variant(
         lambda a, b: (
             lambda y_vjp: (y_vjp[0], y_vjp[1](b)[0])

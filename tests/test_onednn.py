@@ -20,6 +20,7 @@ import numpy as np
 from agejax import config as config_lib
 from agejax import onednn
 from agejax import steps
+from tests import fakes
 
 _TOL = 1e-5
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -65,8 +66,7 @@ def _fresh_availability():
 
 
 def _normal(seed, shape, dtype=jnp.float32):
-  """Standard normal values drawn on the host (jax.random would compile per shape)."""
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32), dtype)
+  return jnp.asarray(fakes.normal(seed, shape), dtype)
 
 
 def _onednn_calls(fn, *args, compiled: bool = True) -> tuple[int, int]:

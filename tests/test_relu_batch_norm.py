@@ -13,29 +13,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from agejax import relu_batch_norm
+from tests import fakes
 
 _EPS = 1e-3
 _TOL = 1e-5
 
 
-def _normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-  """Standard normal float32 values, drawn on the host.
-
-  Not with jax.random, which compiles a threefry program (~1 s on 2 cores)
-  for each new shape.
-  """
-  return np.random.default_rng(seed).standard_normal(shape, np.float32)
-
-
 def _inputs(shape, seed=0):
   """Pre-activations on a coarse grid: ReLU zeros and ties in most windows."""
-  z = np.round(_normal(seed, shape) * 2) / 2
+  z = np.round(fakes.normal(seed, shape) * 2) / 2
   c = shape[-1]
   # Negative and zero scales too: there the pooled maximum is a minimum of
   # relu(z), or every element of a window ties.
-  scale = _normal(seed + 1, (c,))
+  scale = fakes.normal(seed + 1, (c,))
   scale[0], scale[-1] = -0.7, 0.0
-  bias = _normal(seed + 2, (c,)) * 0.1
+  bias = fakes.normal(seed + 2, (c,)) * 0.1
   return jnp.asarray(z), jnp.asarray(scale), jnp.asarray(bias)
 
 
@@ -107,7 +99,7 @@ class ReluBatchNormTest(chex.TestCase):
     want_out = reference(z, scale, bias, window)
     # Cotangents for the output and for the batch statistics as well.
     cotangents = tuple(
-        jnp.asarray(_normal(seed, o.shape)) for seed, o in enumerate(want_out, start=1)
+        jnp.asarray(fakes.normal(seed, o.shape)) for seed, o in enumerate(want_out, start=1)
     )
     want = _value_and_pullback(reference, z, scale, bias, window, cotangents)
     got = self.variant(

@@ -311,7 +311,6 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       self.assertEqual(lines, [])
       self.assertEqual(list(pathlib.Path(tmp).iterdir()), [])
 
-
   def test_mesh_of_another_platform_raises_before_anything_is_written(self):
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(
         jax, 'default_backend', return_value='tpu'
