@@ -4,7 +4,11 @@ A run directory holds two `orbax.checkpoint.CheckpointManager` folders:
 
 - ``latest/``: the full train state (params, BatchNorm statistics, optimizer
   state, step) and the run's progress (stage, epoch, history), saved after
-  every epoch so a killed run resumes where it stopped.
+  every epoch so a killed run resumes where it stopped. The epoch before is
+  kept too: a run whose newest checkpoint cannot be read (on Google Drive, a
+  copy cut off by a Colab disconnect) resumes from that one instead
+  (`agejax.train`), after `RunCheckpoints.set_aside_latest` renames the
+  damaged folder, which keeps its files.
 - ``best/``: the variables (params and BatchNorm statistics) of the epoch with
   the best validation metric, with the model config and metrics as JSON. This
   is what transfer (`load_variables`) and evaluation read. The best epoch
@@ -34,6 +38,10 @@ class CheckpointError(ValueError):
   """A checkpoint is missing or does not fit the model it is restored into."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+  """A checkpoint's files are incomplete or damaged: Orbax could not read them."""
+
+
 def _manager(
     directory: pathlib.Path, arrays: str, json: str, keep: int = 1
 ) -> ocp.CheckpointManager:
@@ -58,7 +66,7 @@ class RunCheckpoints:
   def __init__(self, directory: str | pathlib.Path):
     directory = pathlib.Path(directory)
     self.directory = directory
-    self._latest = _manager(directory / LATEST, 'state', 'progress')
+    self._latest = _manager(directory / LATEST, 'state', 'progress', keep=2)
     self._best = _manager(directory / BEST, 'variables', 'meta', keep=2)
 
   def save_latest(self, epoch: int, state: Any, progress: dict[str, Any]) -> None:
@@ -107,21 +115,52 @@ class RunCheckpoints:
     """Deletes the best checkpoint of ``epoch``."""
     self._best.delete(epoch)
 
-  def latest_progress(self) -> dict[str, Any] | None:
-    """The progress JSON of the latest checkpoint, or None for a new run."""
-    step = self._latest.latest_step()
-    if step is None:
-      return None
-    return _restore_json(self._latest, step, 'progress', self.directory / LATEST)
+  def latest_epochs(self) -> list[int]:
+    """The epochs held in ``latest/``, newest first (at most two)."""
+    return sorted(self._latest.all_steps(), reverse=True)
 
-  def restore_latest(self, abstract_state: Any) -> Any:
-    """Restores the latest train state into ``abstract_state``'s structure."""
-    step = self._latest.latest_step()
-    if step is None:
-      raise CheckpointError(f'No checkpoint to resume in {self.directory / LATEST}.')
+  def latest_progress(self, epoch: int | None = None) -> dict[str, Any] | None:
+    """The progress JSON of ``epoch``'s latest checkpoint (default: the newest).
+
+    None for a new run (no latest checkpoint, no ``epoch`` given).
+    """
+    if epoch is None:
+      epoch = self._latest.latest_step()
+      if epoch is None:
+        return None
+    return _restore_json(self._latest, epoch, 'progress', self.directory / LATEST)
+
+  def restore_latest(self, abstract_state: Any, epoch: int | None = None) -> Any:
+    """Restores ``epoch``'s train state (default: the newest) into ``abstract_state``."""
+    if epoch is None:
+      epoch = self._latest.latest_step()
+      if epoch is None:
+        raise CheckpointError(
+            f'No checkpoint to resume in {self.directory / LATEST}.'
+        )
     return _restore(
-        self._latest, step, 'state', abstract_state, self.directory / LATEST
+        self._latest, epoch, 'state', abstract_state, self.directory / LATEST
     )
+
+  def set_aside_latest(self, epoch: int) -> pathlib.Path:
+    """Renames ``latest/<epoch>`` to ``latest/<epoch>.unreadable`` and returns it.
+
+    For a checkpoint that cannot be read: the run resumes from the one
+    before and saves ``epoch`` again, which Orbax would refuse while the
+    folder holds it. Its files stay (``-2``, ``-3``... if the name is taken),
+    for the user to inspect or delete; Orbax ignores folders not named as
+    a step.
+    """
+    self._latest.wait_until_finished()
+    folder = self.directory / LATEST / str(epoch)
+    aside = folder.with_name(f'{epoch}.unreadable')
+    n = 1
+    while aside.exists():
+      n += 1
+      aside = folder.with_name(f'{epoch}.unreadable-{n}')
+    folder.rename(aside)
+    self._latest.reload()
+    return aside
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -145,9 +184,11 @@ def _check_saved(
     )
 
 
-def _unreadable(where: pathlib.Path, step: int, e: Exception) -> CheckpointError:
+def _unreadable(
+    where: pathlib.Path, step: int, e: Exception
+) -> UnreadableCheckpointError:
   """The error for checkpoint files that Orbax or TensorStore failed to read."""
-  return CheckpointError(
+  return UnreadableCheckpointError(
       f'Checkpoint {where}/{step} could not be read ({type(e).__name__}: {e}):'
       ' it is incomplete or damaged. Rerun the training that wrote it, in a new'
       f' run directory or after moving {where.parent} aside.'
@@ -236,6 +277,8 @@ def _restore(
   abstract = _placed(abstract)
   try:
     saved = manager.item_metadata(step)[item]
+    if saved is None:  # What Orbax returns when the item's _METADATA is gone.
+      raise FileNotFoundError(f'no metadata for {item!r}')
     misfits = _misfits(getattr(saved, 'tree', saved), abstract)
   except Exception as e:  # Orbax and TensorStore raise many types here.
     raise _unreadable(where, step, e) from e

@@ -137,6 +137,7 @@ def _better(value: float, best: float | None, mode: str) -> bool:
 def _drop_unfinished_best(
     ckpts: checkpoints.RunCheckpoints,
     done: int,
+    saved_through: int,
     run_config: Mapping[str, Any],
     workdir: pathlib.Path,
     log: Callable[[str], None],
@@ -144,12 +145,15 @@ def _drop_unfinished_best(
   """Deletes best checkpoints of epochs after ``done`` that this run wrote.
 
   A run killed after saving an epoch's best checkpoint and before its latest
-  one leaves a best epoch that its progress does not record (only the epoch
-  after ``done``: `checkpoints.RunCheckpoints.save_best` waits for the
-  previous latest save); the resumed run trains that epoch again and saves it
-  again. Anything else (another run's best epoch, one written by an agejax
-  that did not record its run, or several epochs, e.g. after ``latest/`` was
-  deleted by hand) is not ours to delete: CheckpointError.
+  one leaves a best epoch that its progress does not record: only the epoch
+  after the newest latest checkpoint, ``saved_through``
+  (`checkpoints.RunCheckpoints.save_best` waits for the previous latest
+  save). Resuming from the epoch before an unreadable newest checkpoint
+  (`_resume`) leaves the best epochs up to that one's too. The resumed run
+  trains those epochs again and saves them again. Anything else (another
+  run's best epoch, one written by an agejax that did not record its run,
+  or epochs further ahead, e.g. after ``latest/`` was deleted by hand) is
+  not ours to delete: CheckpointError.
   """
   ahead = [e for e in ckpts.best_epochs() if e > done]
   if not ahead:
@@ -161,7 +165,7 @@ def _drop_unfinished_best(
     saved = ckpts.best_meta(epoch).get('run')
     return saved is not None and training_identity(saved) == identity
 
-  if ahead != [done + 1] or not ours(ahead[0]):
+  if max(ahead) > saved_through + 1 or not all(ours(e) for e in ahead):
     raise checkpoints.CheckpointError(
         f'{best} holds best epoch(s) {ahead}, after the last epoch whose latest'
         f' checkpoint exists ({done}): another run\'s, or a run whose latest'
@@ -172,8 +176,76 @@ def _drop_unfinished_best(
   for epoch in ahead:
     ckpts.delete_best(epoch)
   log(
-      f'Deleted best epoch(s) {ahead} in {best}: saved after the last completed'
-      f' epoch ({done}) by a run killed before it finished; they are retrained.'
+      f'Deleted best epoch(s) {ahead} in {best}: saved after the epoch this run'
+      f' resumes from ({done}) by a run stopped before it finished; they are'
+      ' retrained.'
+  )
+
+
+def _resume(
+    ckpts: checkpoints.RunCheckpoints,
+    config: config_lib.TrainConfig,
+    plan: list[tuple[int, int]],
+    run_config: Mapping[str, Any],
+    workdir: pathlib.Path,
+    mesh: jax.sharding.Mesh,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], steps.TrainState] | None:
+  """The progress and train state of the run's newest readable latest checkpoint.
+
+  None for a new run. A newest checkpoint whose files cannot be read (on
+  Google Drive, a copy cut off by a Colab disconnect) is set aside
+  (`checkpoints.RunCheckpoints.set_aside_latest`, which keeps its files) and
+  the run resumes from the epoch before, which it logs; if that one cannot
+  be read either, its error is raised. A checkpoint of another config or
+  model raises CheckpointError: that is not damage to work around.
+  """
+  epochs = ckpts.latest_epochs()
+  if not epochs:
+    return None
+  # The checkpoint replaces every value: only the structure is needed.
+  variables = steps.init_variables(
+      jax.random.key(0), config.model.build(), config.model.input_shape
+  )
+
+  def restore(epoch: int) -> tuple[dict[str, Any], steps.TrainState]:
+    progress = ckpts.latest_progress(epoch)
+    _check_same_training(progress['config'], run_config, workdir)
+    stage_idx = plan[progress['epoch'] - 1][0]
+    template = steps.create_train_state(
+        config.model, config.stages[stage_idx], variables, config.stages[:stage_idx]
+    )
+    restored = ckpts.restore_latest(
+        checkpoints.abstract_like(_state_tree(template), parallel.replicated(mesh)),
+        epoch,
+    )
+    return progress, template.replace(**restored)
+
+  newest, *older = epochs
+  if older:
+    try:
+      return restore(newest)
+    except checkpoints.UnreadableCheckpointError as e:
+      aside = ckpts.set_aside_latest(newest)
+      log(
+          f'The latest checkpoint of epoch {newest} could not be read'
+          f' ({e.__cause__!r}); moved it to {aside} and resuming from epoch'
+          f' {older[0]}, whose next epochs are trained again.'
+      )
+  return restore(older[0] if older else newest)
+
+
+def _check_same_training(
+    saved: Mapping[str, Any], run_config: Mapping[str, Any], workdir: pathlib.Path
+) -> None:
+  """Raises CheckpointError if a saved run's training differs from ``run_config``'s."""
+  if training_identity(saved) == training_identity(run_config):
+    return
+  changes = _differences(training_identity(saved), training_identity(run_config))
+  raise checkpoints.CheckpointError(
+      f'{workdir} holds a run with a different config ({"; ".join(changes[:5])});'
+      ' resume it with the same flags, or choose a new --workdir. Saved:'
+      f' {workdir / "config.json"}.'
   )
 
 
@@ -242,52 +314,32 @@ def train_and_evaluate(
       (s, e) for s, stage in enumerate(config.stages) for e in range(stage.epochs)
   ]
   ckpts = checkpoints.RunCheckpoints(workdir / 'checkpoints')
-  progress = ckpts.latest_progress()
-  if progress is not None and (
-      training_identity(progress['config']) != training_identity(run_config)
-  ):
-    changes = _differences(
-        training_identity(progress['config']), training_identity(run_config)
-    )
-    raise checkpoints.CheckpointError(
-        f'{workdir} holds a run with a different config ({"; ".join(changes[:5])});'
-        ' resume it with the same flags, or choose a new --workdir. Saved:'
-        f' {workdir / "config.json"}.'
-    )
-
+  saved_through = max(ckpts.latest_epochs(), default=0)
+  resumed = _resume(ckpts, config, plan, run_config, workdir, mesh, log)
   _drop_unfinished_best(
-      ckpts, 0 if progress is None else progress['epoch'], run_config, workdir, log
+      ckpts,
+      0 if resumed is None else resumed[0]['epoch'],
+      saved_through,
+      run_config,
+      workdir,
+      log,
   )
-  if progress is None:
+  if resumed is None:
     variables, report = initial_variables(config, log)
     transfer_report = None if report is None else report.to_dict()
     if transfer_report is not None:
       run_logging.write_json(workdir / 'transfer_report.json', transfer_report)
-  else:
-    # The checkpoint replaces every value: only the structure is needed, so
-    # the transfer is not redone; its report was saved by the first run.
-    variables = steps.init_variables(
-        jax.random.key(0), model_config.build(), model_config.input_shape
-    )
-    saved = workdir / 'transfer_report.json'
-    transfer_report = json.loads(saved.read_text()) if saved.exists() else None
-  run_logging.write_json(workdir / 'config.json', run_config)
-
-  if progress is None:
     done, history, best, stage_idx = 0, [], None, 0
     state = steps.create_train_state(model_config, config.stages[0], variables)
   else:
+    # The transfer is not redone; its report was saved by the first run.
+    saved = workdir / 'transfer_report.json'
+    transfer_report = json.loads(saved.read_text()) if saved.exists() else None
+    progress, state = resumed
     done, history, best = progress['epoch'], progress['history'], progress['best']
     stage_idx = plan[done - 1][0]
-    template = steps.create_train_state(
-        model_config, config.stages[stage_idx], variables,
-        config.stages[:stage_idx],
-    )
-    restored = ckpts.restore_latest(
-        checkpoints.abstract_like(_state_tree(template), parallel.replicated(mesh))
-    )
-    state = template.replace(**restored)
     log(f'Resuming {workdir} after epoch {done} of {len(plan)}.')
+  run_logging.write_json(workdir / 'config.json', run_config)
   state = parallel.replicate(state, mesh)
 
   train = data['train']

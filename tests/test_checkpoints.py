@@ -158,18 +158,43 @@ class LatestTest(TempDirTest):
     self.assertEqual(_masked_nodes(restored['opt_state']), _masked_nodes(saved['opt_state']))
     self.assertEqual(ckpts.latest_progress(), progress)
 
-  def test_keeps_only_the_latest(self):
-    first = state_tree(_initial_state())
-    first['step'] = jnp.zeros((), jnp.int32)
-    second = state_tree(_trained_state())
+  def test_keeps_the_two_newest(self):
+    states = {e: state_tree(train(fakes.copy(_initial_state()), 0, e)) for e in (1, 2, 3)}
     ckpts = self.run_checkpoints(self.root)
-    ckpts.save_latest(1, first, {'epoch': 1})
-    ckpts.save_latest(2, second, {'epoch': 2})
+    for epoch, state in states.items():
+      ckpts.save_latest(epoch, state, {'epoch': epoch})
     ckpts.wait()
-    self.assertEqual(sorted(os.listdir(self.root / checkpoints.LATEST)), ['2'])
-    restored = ckpts.restore_latest(checkpoints.abstract_like(second))
-    chex.assert_trees_all_equal(restored, second)
-    self.assertEqual(ckpts.latest_progress(), {'epoch': 2})
+    self.assertEqual(sorted(os.listdir(self.root / checkpoints.LATEST)), ['2', '3'])
+    self.assertEqual(ckpts.latest_epochs(), [3, 2])
+    self.assertEqual(ckpts.latest_progress(), {'epoch': 3})
+    for epoch in (None, 3, 2):
+      restored = ckpts.restore_latest(checkpoints.abstract_like(states[2]), epoch)
+      chex.assert_trees_all_equal(restored, states[epoch or 3])
+    self.assertEqual(ckpts.latest_progress(2), {'epoch': 2})
+
+  def test_set_aside_keeps_the_files_and_lets_the_epoch_be_saved_again(self):
+    state = state_tree(_trained_state())
+    ckpts = self.run_checkpoints(self.root)
+    for epoch in (1, 2):
+      ckpts.save_latest(epoch, state, {'epoch': epoch})
+    ckpts.wait()
+    latest = self.root / checkpoints.LATEST
+    for name in ('2.unreadable', '2.unreadable-2'):
+      files = sorted(p.relative_to(latest / '2') for p in (latest / '2').rglob('*'))
+      aside = ckpts.set_aside_latest(2)
+      self.assertEqual(aside, latest / name)
+      self.assertEqual(sorted(p.relative_to(aside) for p in aside.rglob('*')), files)
+      self.assertEqual(ckpts.latest_epochs(), [1])
+      ckpts.save_latest(2, state, {'epoch': 2, 'again': name})
+      ckpts.wait()
+    reopened = self.run_checkpoints(self.root)
+    self.assertEqual(reopened.latest_epochs(), [2, 1])
+    self.assertEqual(
+        reopened.latest_progress(), {'epoch': 2, 'again': '2.unreadable-2'}
+    )
+    self.assertEqual(
+        sorted(os.listdir(latest)), ['1', '2', '2.unreadable', '2.unreadable-2']
+    )
 
   def test_restore_without_checkpoint_raises(self):
     ckpts = self.run_checkpoints(self.root)
@@ -191,6 +216,33 @@ class LatestTest(TempDirTest):
       with self.assertRaisesRegex(checkpoints.CheckpointError, 'holds epoch 4'):
         save()
     self.assertEqual(ckpts.best_epoch(), 4)
+
+  @parameterized.named_parameters(
+      ('metadata_missing', '_METADATA', 'delete'),
+      ('metadata_truncated', '_METADATA', 'truncate'),
+      ('data_missing', 'ocdbt.process_0/d/*', 'delete'),
+      ('data_truncated', 'ocdbt.process_0/d/*', 'truncate'),
+      ('manifest_truncated', 'manifest.ocdbt', 'truncate'),
+  )
+  def test_incomplete_state_is_unreadable(self, pattern, damage):
+    # What a copy cut short leaves behind (Google Drive after a disconnect);
+    # never arrays silently filled in.
+    saved = state_tree(_trained_state())
+    ckpts = self.run_checkpoints(self.root)
+    ckpts.save_latest(1, saved, {'epoch': 1})
+    ckpts.wait()
+    damaged = sorted((self.root / checkpoints.LATEST / '1' / 'state').glob(pattern))
+    self.assertNotEmpty(damaged)
+    for f in damaged:
+      if damage == 'delete':
+        f.unlink()
+      else:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with self.assertRaisesRegex(
+        checkpoints.UnreadableCheckpointError,
+        f'Checkpoint {self.root / checkpoints.LATEST}/1 could not be read',
+    ):
+      self.run_checkpoints(self.root).restore_latest(checkpoints.abstract_like(saved))
 
   @parameterized.named_parameters(
       ('array_data', 'variables', 'best'),
@@ -220,7 +272,7 @@ class LatestTest(TempDirTest):
     for read in reads:
       try:
         read()
-      except checkpoints.CheckpointError as e:
+      except checkpoints.UnreadableCheckpointError as e:
         failed += 1
         self.assertIn(str(self.root / which), str(e))
     self.assertGreater(failed, 0)

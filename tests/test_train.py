@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import tempfile
@@ -146,6 +147,62 @@ class TrainAndEvaluateTest(parameterized.TestCase):
         json.dumps(_without_timing(straight), sort_keys=True),
         json.dumps(_without_timing(resumed), sort_keys=True),
     )
+
+  @parameterized.named_parameters(('state_arrays', 'state'), ('progress_json', 'progress'))
+  def test_unreadable_newest_checkpoint_resumes_from_the_one_before(self, item):
+    # On Google Drive a Colab disconnect can leave the newest checkpoint
+    # half copied: its folder is there, some of its files are not.
+    data = _data()
+    with tempfile.TemporaryDirectory() as tmp:
+      train.train_and_evaluate(
+          _config(), data, tmp, log=lambda _: None, show_progress=False,
+          stop_after_epoch=2,
+      )
+      latest = pathlib.Path(tmp, 'checkpoints', checkpoints.LATEST)
+      for f in (latest / '2' / item).rglob('*'):
+        if f.is_file():
+          f.unlink()
+      kept = sorted(p.relative_to(latest / '2') for p in (latest / '2').rglob('*'))
+      lines = []
+      resumed = train.train_and_evaluate(
+          _config(), data, tmp, log=lines.append, show_progress=False
+      )
+      aside = latest / '2.unreadable'
+      self.assertEqual(sorted(p.relative_to(aside) for p in aside.rglob('*')), kept)
+    self.assertTrue(
+        lines[0].startswith('The latest checkpoint of epoch 2 could not be read'), lines
+    )
+    self.assertIn(f'moved it to {aside} and resuming from epoch 1', lines[0])
+    self.assertIn(f'Resuming {tmp} after epoch 1 of 3.', lines)
+    self.assertEqual(
+        json.dumps(_without_timing(self.straight), sort_keys=True),
+        json.dumps(_without_timing(resumed), sort_keys=True),
+    )
+
+  def test_no_readable_checkpoint_raises_and_keeps_every_file(self):
+    data = _data()
+    with tempfile.TemporaryDirectory() as tmp:
+      train.train_and_evaluate(
+          _config(), data, tmp, log=lambda _: None, show_progress=False,
+          stop_after_epoch=2,
+      )
+      root = pathlib.Path(tmp)
+      latest = root / 'checkpoints' / checkpoints.LATEST
+      for f in latest.rglob('progress/*'):
+        f.unlink()
+      files = lambda: sorted(
+          p.name for p in root.rglob('*') if p.is_file()
+      )
+      before = files()
+      with self.assertRaisesRegex(
+          checkpoints.UnreadableCheckpointError,
+          f'Checkpoint {latest}/1 could not be read',
+      ):
+        train.train_and_evaluate(
+            _config(), data, tmp, log=lambda _: None, show_progress=False
+        )
+      self.assertEqual(files(), before)
+      self.assertEqual(sorted(os.listdir(latest)), ['1', '2.unreadable'])
 
   def test_scan_and_loop_epochs_train_identically(self):
     data = _data()
