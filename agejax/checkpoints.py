@@ -27,6 +27,7 @@ import pathlib
 from typing import Any, Callable
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -149,7 +150,8 @@ class RunCheckpoints:
     before and saves ``epoch`` again, which Orbax would refuse while the
     folder holds it. Its files stay (``-2``, ``-3``... if the name is taken),
     for the user to inspect or delete; Orbax ignores folders not named as
-    a step.
+    a step. In a multi-host run every process calls this, and process 0
+    renames the folder on the storage they share, as Orbax deletes there.
     """
     self._latest.wait_until_finished()
     folder = self.directory / LATEST / str(epoch)
@@ -158,7 +160,10 @@ class RunCheckpoints:
     while aside.exists():
       n += 1
       aside = folder.with_name(f'{epoch}.unreadable-{n}')
-    folder.rename(aside)
+    _sync_processes(f'agejax: set aside {folder}, name chosen')
+    if jax.process_index() == 0:
+      folder.rename(aside)
+    _sync_processes(f'agejax: set aside {folder}, renamed')
     self._latest.reload()
     return aside
 
@@ -170,6 +175,12 @@ class RunCheckpoints:
   def close(self) -> None:
     self._latest.close()
     self._best.close()
+
+
+def _sync_processes(name: str) -> None:
+  """Waits until every process of a multi-host run gets here; no-op in one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def _check_saved(

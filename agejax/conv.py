@@ -43,6 +43,15 @@ rounding) with a custom VJP:
 Every matmul of these paths (im2col and Winograd products) is oneDNN's
 where `agejax.onednn` is enabled for its dtype, XLA's dot otherwise.
 
+bfloat16 convolutions take these paths in bfloat16 only on CPUs with
+bfloat16 instructions (`onednn.native_bfloat16`). Elsewhere they compute in
+float32 and round the output (and the gradients) to bfloat16, as XLA:CPU's
+own bfloat16 convolutions do. On a Zen 3 (AVX2) the bfloat16 Winograd tiles
+put up to 31x the error of ``lax``'s bfloat16 step on some of the study
+network's gradients (computed in float32: at most 1.2x), and its bfloat16
+training step ran at 0.77-0.81x the float32 step's speed (computed in
+float32: 0.87-1.03x; docs/performance_log.md, session 27).
+
 On the study's network oneDNN's kernels make the float32 training step
 1.16-1.19x faster than XLA's, and the bfloat16 one 1.51-1.56x
 (docs/performance_log.md, session 14), and the
@@ -341,7 +350,18 @@ def matmul_conv_general_dilated(
   x = _valid_input(*args)
   if x is None:
     return lax.conv_general_dilated(*args)
+  if _float32_compute(x, rhs):
+    return _conv_valid(
+        x.astype(jnp.float32), rhs.astype(jnp.float32), precision
+    ).astype(jnp.bfloat16)
   return _conv_valid(x, rhs, precision)
+
+
+def _float32_compute(*operands: jax.Array) -> bool:
+  """Whether bfloat16 operands are convolved in float32 (module docstring)."""
+  return (
+      jnp.result_type(*operands) == jnp.bfloat16 and not onednn.native_bfloat16()
+  )
 
 
 def _valid_input(
@@ -1051,6 +1071,11 @@ def conv_bias_relu(
         f'conv_bias_relu takes NHWC x HWIO and [C_out], got {list(x.shape)},'
         f' {list(w.shape)} and {list(b.shape)}.'
     )
+  if _float32_compute(x, w, b):
+    f32 = jnp.float32
+    return _conv_bias_relu(
+        x.astype(f32), w.astype(f32), b.astype(f32), precision
+    ).astype(jnp.bfloat16)
   return _conv_bias_relu(x, w, b, precision)
 
 

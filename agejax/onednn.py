@@ -267,12 +267,16 @@ def enabled_for(dtype: Any) -> bool:
   dtype = jnp.dtype(dtype)
   if dtype not in _DTYPES or not available():
     return False
-  return dtype != jnp.bfloat16 or _native_bfloat16()
+  return dtype != jnp.bfloat16 or native_bfloat16()
 
 
 @functools.cache
-def _native_bfloat16() -> bool:
-  """Whether the CPU has bfloat16 instructions (`_BFLOAT16_CPU_FLAGS`)."""
+def native_bfloat16() -> bool:
+  """Whether the CPU has bfloat16 instructions (`_BFLOAT16_CPU_FLAGS`).
+
+  Also where `agejax.conv` computes bfloat16 convolutions in bfloat16; on
+  other CPUs it computes them in float32.
+  """
   flags = _cpu_flags()
   return any(flag in flags for flag in _BFLOAT16_CPU_FLAGS)
 

@@ -317,7 +317,12 @@ class MatmulConvTest(chex.TestCase):
       return jnp.sum(y.astype(jnp.float32))
 
     spy = mock.Mock(wraps=conv._height_winograd_kernel_grad)
-    with mock.patch.object(conv, '_height_winograd_kernel_grad', spy):
+    # bfloat16 as convolved where the CPU has bfloat16 instructions (elsewhere
+    # it is computed in float32).
+    with (
+        mock.patch.object(conv, '_height_winograd_kernel_grad', spy),
+        mock.patch.object(onednn, 'native_bfloat16', return_value=True),
+    ):
       jax.make_jaxpr(jax.grad(loss, argnums=1))(
           jnp.zeros(x_shape, dtype), jnp.zeros(w_shape, dtype)
       )
@@ -378,6 +383,32 @@ class MatmulConvTest(chex.TestCase):
     # Op by op the tiles' shapes are the same as under jit, so one odd,
     # non-square shape runs eagerly too (about 8 s: every op compiles alone).
     self._check_winograd_conv_valid_and_vjp(self.variant, 2, 8, 5, 3, 2)
+
+  @parameterized.product(
+      native=(True, False), op=('matmul_conv_general_dilated', 'conv_bias_relu')
+  )
+  def test_bfloat16_computes_in_float32_without_bfloat16_instructions(self, native, op):
+    # On a CPU without bfloat16 instructions the custom paths see float32
+    # operands; the output and the gradients stay bfloat16 either way.
+    x, k = (a.astype(jnp.bfloat16) for a in _inputs(2, 12, 12, 64, 8, (3, 3)))
+    bias = jnp.zeros((8,), jnp.bfloat16)
+    fn = {
+        'matmul_conv_general_dilated': lambda x, k: conv.matmul_conv_general_dilated(
+            x, k, (1, 1), 'VALID', dimension_numbers=_NHWC
+        ),
+        'conv_bias_relu': lambda x, k: conv.conv_bias_relu(x, k, bias),
+    }[op]
+    inner = {'matmul_conv_general_dilated': '_conv_valid', 'conv_bias_relu': '_conv_bias_relu'}[op]
+    spy = mock.Mock(wraps=getattr(conv, inner))
+    with (
+        mock.patch.object(onednn, 'native_bfloat16', return_value=native),
+        mock.patch.object(conv, inner, spy),
+    ):
+      y, pullback = jax.vjp(fn, x, k)
+      grads = pullback(jnp.ones_like(y))
+    want = jnp.bfloat16 if native else jnp.float32
+    self.assertEqual([a.dtype for a in spy.call_args.args[:2]], [want, want])
+    self.assertEqual([a.dtype for a in (y, *grads)], [jnp.bfloat16] * 3)
 
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters((2, 46, 46, 32, 64), (2, 9, 9, 128, 128))

@@ -140,11 +140,15 @@ class CnnSpeedEquivalenceTest(parameterized.TestCase):
     chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
 
   def test_bfloat16_matmul_training_step_errs_like_bfloat16_lax(self):
-    # In bfloat16 the matmul path runs Winograd with bfloat16 tiles on the
-    # layers with at least 64 input channels. Against the float32 lax step,
-    # each gradient's error (L2) is at most twice that of the bfloat16 lax
-    # step (measured: up to 1.64x; both are ~25-30 % of the gradient,
-    # bfloat16 rounding through the network).
+    # In bfloat16 the matmul path runs oneDNN's bfloat16 convolutions, or
+    # Winograd with bfloat16 tiles on the layers with at least 64 input
+    # channels, on CPUs with bfloat16 instructions, and computes in float32
+    # elsewhere. Against the float32 lax step, each gradient's error (L2) is
+    # at most twice that of the bfloat16 lax step (measured: up to 1.64x on
+    # an Intel Xeon, both ~25-30 % of the gradient, bfloat16 rounding through
+    # the network; 1.18x computed in float32 on a Zen 3, where bfloat16
+    # Winograd tiles erred up to 31x as much: docs/performance_log.md,
+    # session 27).
     images, labels = _batch(8)
     (_, (want_logits, _)), want = _step(
         model.age_model(conv_impl='lax', frozen_bn=_ALL_BN), images, labels

@@ -33,7 +33,7 @@ _TESTED_HERE = (
 )
 _SKIP_REASON = 'oneDNN is used on x86-64 CPUs with AVX-512 and the tested jaxlib only'
 # bfloat16 goes to oneDNN where the CPU has bfloat16 instructions.
-_NATIVE_BFLOAT16 = _TESTED_HERE and onednn._native_bfloat16()
+_NATIVE_BFLOAT16 = _TESTED_HERE and onednn.native_bfloat16()
 # /proc/cpuinfo's flags line of a CPU with oneDNN's avx512_core.
 _AVX512_CORE = 'fpu avx avx2 avx512f avx512cd avx512bw avx512dq avx512vl'
 
@@ -168,17 +168,17 @@ class AvailabilityTest(parameterized.TestCase):
       ('avx512_only', _AVX512_CORE, False),
   )
   def test_bfloat16_needs_native_instructions(self, flags, want):
-    onednn._native_bfloat16.cache_clear()
+    onednn.native_bfloat16.cache_clear()
     try:
       with (
           _fresh_availability(),
           mock.patch.object(onednn, '_CPUINFO', _cpuinfo(self, flags)),
       ):
-        self.assertEqual(onednn._native_bfloat16(), want)
+        self.assertEqual(onednn.native_bfloat16(), want)
         self.assertEqual(onednn.enabled_for(jnp.bfloat16), want)
         self.assertTrue(onednn.enabled_for(jnp.float32))
     finally:
-      onednn._native_bfloat16.cache_clear()
+      onednn.native_bfloat16.cache_clear()
 
 
 @absltest.skipUnless(_TESTED_HERE, _SKIP_REASON)

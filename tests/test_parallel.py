@@ -223,6 +223,16 @@ class MultiHostTest(absltest.TestCase):
     self.assertLen(line, 1, out[-2000:])
     return json.loads(line[0][len('RESULTS '):])
 
+  def _assert_like(self, got, one):
+    self.assertEqual(got['test']['count'], 24)  # one global batch, not one per host
+    np.testing.assert_array_equal(got['test']['confusion'], one['test']['confusion'])
+    for key in ('loss', 'accuracy', 'mae', 'mae_expected'):
+      self.assertAlmostEqual(got['test'][key], one['test'][key], delta=1e-5, msg=key)
+    for h_got, h_one in zip(got['history'], one['history'], strict=True):
+      for key, value in h_one.items():
+        if isinstance(value, float):
+          self.assertAlmostEqual(h_got[key], value, delta=1e-5, msg=key)
+
   def test_two_hosts_train_like_one(self):
     tmp = tempfile.mkdtemp()
     self.addCleanup(shutil.rmtree, tmp)  # after the processes' cleanups, registered later
@@ -237,14 +247,20 @@ class MultiHostTest(absltest.TestCase):
       self.assertEqual(saved['pred'].shape, (24,))
     self.assertEqual(json.loads((run / 'results.json').read_text())['test']['count'], 24)
     for got in host_results:
-      self.assertEqual(got['test']['count'], 24)  # one global batch, not one per host
-      np.testing.assert_array_equal(got['test']['confusion'], one['test']['confusion'])
-      for key in ('loss', 'accuracy', 'mae', 'mae_expected'):
-        self.assertAlmostEqual(got['test'][key], one['test'][key], delta=1e-5, msg=key)
-      for h_got, h_one in zip(got['history'], one['history'], strict=True):
-        for key, value in h_one.items():
-          if isinstance(value, float):
-            self.assertAlmostEqual(h_got[key], value, delta=1e-5, msg=key)
+      self._assert_like(got, one)
+
+    # The newest checkpoint cut short on shared storage: both hosts resume
+    # from the epoch before (process 0 sets the damaged one aside), and the
+    # run ends as before.
+    latest = run / 'checkpoints' / 'latest'
+    for f in (latest / '2' / 'state').rglob('*'):
+      if f.is_file():
+        f.unlink()
+    port = _free_port()
+    hosts = [self._start(p, port, f'{tmp}/hosts', devices=2) for p in (0, 1)]
+    for got in [self._results(h) for h in hosts]:
+      self._assert_like(got, one)
+    self.assertEqual(sorted(os.listdir(latest)), ['1', '2', '2.unreadable'])
 
 
 if __name__ == '__main__':
