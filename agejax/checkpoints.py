@@ -11,9 +11,11 @@ A run directory holds two `orbax.checkpoint.CheckpointManager` folders:
   damaged folder, which keeps its files.
 - ``best/``: the variables (params and BatchNorm statistics) of the epoch with
   the best validation metric, with the model config and metrics as JSON. This
-  is what transfer (`load_variables`) and evaluation read. The best epoch
-  before it is kept too, so that dropping a best epoch the run did not finish
-  (`RunCheckpoints.delete_best`) leaves the one its progress records.
+  is what transfer (`load_variables`) and evaluation read. The two best
+  epochs before it are kept too, so that dropping the best epochs a run did
+  not finish (`RunCheckpoints.delete_best`: one, or two when it resumes from
+  the epoch before an unreadable latest checkpoint) leaves the one its
+  progress records.
 
 Both restore against abstract targets built from the config, so shapes and
 shardings are checked and arrays land where the caller wants them. Orbax
@@ -68,7 +70,7 @@ class RunCheckpoints:
     directory = pathlib.Path(directory)
     self.directory = directory
     self._latest = _manager(directory / LATEST, 'state', 'progress', keep=2)
-    self._best = _manager(directory / BEST, 'variables', 'meta', keep=2)
+    self._best = _manager(directory / BEST, 'variables', 'meta', keep=3)
 
   def save_latest(self, epoch: int, state: Any, progress: dict[str, Any]) -> None:
     saved = self._latest.save(
@@ -105,7 +107,7 @@ class RunCheckpoints:
     return self._best.latest_step()
 
   def best_epochs(self) -> list[int]:
-    """Every epoch held in ``best/`` (the best one and the best before it)."""
+    """Every epoch held in ``best/`` (the best one and the two best before it)."""
     return sorted(self._best.all_steps())
 
   def best_meta(self, epoch: int) -> dict[str, Any]:

@@ -179,6 +179,44 @@ class TrainAndEvaluateTest(parameterized.TestCase):
         json.dumps(_without_timing(resumed), sort_keys=True),
     )
 
+  def test_unreadable_newest_checkpoint_after_a_kill_between_saves_resumes(self):
+    # Killed between epoch 3's best and latest saves, with epoch 2's latest
+    # checkpoint unreadable: the run resumes from epoch 1 and drops best
+    # epochs 2 and 3; best/ still holds epoch 1, which its progress records.
+    data = _data()
+    save_latest = checkpoints.RunCheckpoints.save_latest
+
+    def dies_at_epoch_3(ckpts, step, *args):
+      if step == 3:
+        raise _Killed()
+      save_latest(ckpts, step, *args)
+
+    config_ = _config(select_metric='mae_expected', select_mode='min')  # better every epoch
+    with tempfile.TemporaryDirectory() as tmp:
+      with mock.patch.object(checkpoints.RunCheckpoints, 'save_latest', dies_at_epoch_3):
+        with self.assertRaises(_Killed):
+          train.train_and_evaluate(config_, data, tmp, log=lambda _: None, show_progress=False)
+      for f in pathlib.Path(tmp, 'checkpoints', checkpoints.LATEST, '2').rglob('*'):
+        if f.is_file():
+          f.unlink()
+      lines = []
+      partial = train.train_and_evaluate(
+          config_, data, tmp, log=lines.append, show_progress=False,
+          stop_after_epoch=1,
+      )
+      self.assertEqual(partial['best_epoch'], 1)
+      resumed = train.train_and_evaluate(
+          config_, data, tmp, log=lines.append, show_progress=False
+      )
+      straight = train.train_and_evaluate(
+          config_, data, f'{tmp}/straight', log=lambda _: None, show_progress=False
+      )
+    self.assertTrue(any(l.startswith('Deleted best epoch(s) [2, 3]') for l in lines), lines)
+    self.assertEqual(
+        json.dumps(_without_timing(straight), sort_keys=True),
+        json.dumps(_without_timing(resumed), sort_keys=True),
+    )
+
   def test_no_readable_checkpoint_raises_and_keeps_every_file(self):
     data = _data()
     with tempfile.TemporaryDirectory() as tmp:
@@ -315,11 +353,11 @@ class TrainAndEvaluateTest(parameterized.TestCase):
   def test_same_config_beside_a_finished_runs_best_checkpoints_raises(self):
     # Several best epochs ahead of the (deleted) latest checkpoint: not a kill.
     data = _data()
-    config_ = _config(select_metric='mae_expected', select_mode='min')  # best at 2 and 3
+    config_ = _config(select_metric='mae_expected', select_mode='min')  # best at 1, 2, 3
     with tempfile.TemporaryDirectory() as tmp:
       train.train_and_evaluate(config_, data, tmp, log=lambda _: None, show_progress=False)
       shutil.rmtree(pathlib.Path(tmp) / 'checkpoints' / checkpoints.LATEST)
-      with self.assertRaisesRegex(checkpoints.CheckpointError, r'best epoch\(s\) \[2, 3\]'):
+      with self.assertRaisesRegex(checkpoints.CheckpointError, r'best epoch\(s\) \[1, 2, 3\]'):
         train.train_and_evaluate(config_, data, tmp, log=lambda _: None, show_progress=False)
 
   def test_transfer_from_a_checkpoint_reports_and_trains(self):
