@@ -60,6 +60,13 @@ def _without_timing(results):
   return results
 
 
+def _delete_files(folder):
+  """Deletes every file under ``folder``, keeping the folders: a copy cut short."""
+  for f in folder.rglob('*'):
+    if f.is_file():
+      f.unlink()
+
+
 class TrainAndEvaluateTest(parameterized.TestCase):
 
   @classmethod
@@ -108,11 +115,8 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     )
     self.assertEqual([h['epoch'] for h in history], [1, 2, 3])
 
-  @parameterized.named_parameters(('first_epoch', 1), ('later_epoch', 3))
-  def test_kill_between_best_and_latest_saves_resumes(self, epoch):
-    # A hard kill there leaves a best checkpoint for an epoch that the latest
-    # checkpoint does not record (here: that epoch's latest save never runs).
-    data = _data()
+  def _kill_before_latest_save(self, config_, data, workdir, epoch):
+    """Trains until a hard kill after ``epoch``'s best save, before its latest one."""
     save_latest = checkpoints.RunCheckpoints.save_latest
 
     def dies_at_epoch(ckpts, step, *args):
@@ -120,11 +124,20 @@ class TrainAndEvaluateTest(parameterized.TestCase):
         raise _Killed()
       save_latest(ckpts, step, *args)
 
+    with mock.patch.object(checkpoints.RunCheckpoints, 'save_latest', dies_at_epoch):
+      with self.assertRaises(_Killed):
+        train.train_and_evaluate(
+            config_, data, workdir, log=lambda _: None, show_progress=False
+        )
+
+  @parameterized.named_parameters(('first_epoch', 1), ('later_epoch', 3))
+  def test_kill_between_best_and_latest_saves_resumes(self, epoch):
+    # A hard kill there leaves a best checkpoint for an epoch that the latest
+    # checkpoint does not record (here: that epoch's latest save never runs).
+    data = _data()
     config_ = _config(select_metric='mae_expected', select_mode='min')  # better every epoch
     with tempfile.TemporaryDirectory() as tmp:
-      with mock.patch.object(checkpoints.RunCheckpoints, 'save_latest', dies_at_epoch):
-        with self.assertRaises(_Killed):
-          train.train_and_evaluate(config_, data, tmp, log=lambda _: None, show_progress=False)
+      self._kill_before_latest_save(config_, data, tmp, epoch)
       ckpts = checkpoints.RunCheckpoints(f'{tmp}/checkpoints')
       self.assertEqual(ckpts.best_epoch(), epoch)  # the best save of that epoch happened
       ckpts.close()
@@ -159,9 +172,7 @@ class TrainAndEvaluateTest(parameterized.TestCase):
           stop_after_epoch=2,
       )
       latest = pathlib.Path(tmp, 'checkpoints', checkpoints.LATEST)
-      for f in (latest / '2' / item).rglob('*'):
-        if f.is_file():
-          f.unlink()
+      _delete_files(latest / '2' / item)
       kept = sorted(p.relative_to(latest / '2') for p in (latest / '2').rglob('*'))
       lines = []
       resumed = train.train_and_evaluate(
@@ -184,21 +195,10 @@ class TrainAndEvaluateTest(parameterized.TestCase):
     # checkpoint unreadable: the run resumes from epoch 1 and drops best
     # epochs 2 and 3; best/ still holds epoch 1, which its progress records.
     data = _data()
-    save_latest = checkpoints.RunCheckpoints.save_latest
-
-    def dies_at_epoch_3(ckpts, step, *args):
-      if step == 3:
-        raise _Killed()
-      save_latest(ckpts, step, *args)
-
     config_ = _config(select_metric='mae_expected', select_mode='min')  # better every epoch
     with tempfile.TemporaryDirectory() as tmp:
-      with mock.patch.object(checkpoints.RunCheckpoints, 'save_latest', dies_at_epoch_3):
-        with self.assertRaises(_Killed):
-          train.train_and_evaluate(config_, data, tmp, log=lambda _: None, show_progress=False)
-      for f in pathlib.Path(tmp, 'checkpoints', checkpoints.LATEST, '2').rglob('*'):
-        if f.is_file():
-          f.unlink()
+      self._kill_before_latest_save(config_, data, tmp, 3)
+      _delete_files(pathlib.Path(tmp, 'checkpoints', checkpoints.LATEST, '2'))
       lines = []
       partial = train.train_and_evaluate(
           config_, data, tmp, log=lines.append, show_progress=False,
