@@ -12,7 +12,8 @@
 # /tmp/site (the wheels) and runs/gpu/fer (the FER checkpoint). Staging on the
 # CPU machine, and the exact device calls: docs/PERFORMANCE.md, "GPU runs".
 # Outputs go to $OUT (default outputs/gpu): logs, timings as JSON, and the
-# run directories without checkpoints as runs.tar.gz for experiments.report.
+# run directories without checkpoints and compiled programs as runs.tar.gz for
+# experiments.report.
 set -euo pipefail
 
 phase=${1:?usage: benchmarks/gpu_study.sh setup|speed|fer|age}
@@ -76,7 +77,7 @@ case $phase in
       --fer_stages="$fer_stages" \
       --protocols="$protocols" --experiments="$experiments" --leaky_experiments="$experiments" \
       --extra_flags=--tfds_data_dir=.gpu/tfds$extra 2>&1 | tee "$out/age.log"
-    tar --exclude=checkpoints -czf "$out/runs.tar.gz" "$root"
+    tar --exclude=checkpoints --exclude=compilation_cache -czf "$out/runs.tar.gz" "$root"
     ;;
   *)
     echo "Unknown phase $phase; expected setup, speed, fer or age." >&2

@@ -18,6 +18,7 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import numpy as np
 
 from agejax import ages
@@ -56,6 +57,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first.')
 flags.DEFINE_bool('progress', True, 'Show a progress bar per epoch.')
+flags.DEFINE_string(
+    'compilation_cache_dir', None,
+    'Folder where JAX keeps the programs it compiles, for later runs to load instead of'
+    ' compiling them again (run_study gives its runs one); unset: $JAX_COMPILATION_CACHE_DIR'
+    ' or none.',
+)
 flags.DEFINE_integer(
     'stop_after_epoch', None,
     'Stop, resumably, after this many epochs of the run (time-boxed jobs);'
@@ -434,7 +441,7 @@ def num_age_classes() -> int:
 
 
 def setup() -> None:
-  """Quiets logging and joins a multi-host run when the flags ask for it.
+  """Quiets logging, joins a multi-host run and caches compiled programs when the flags ask.
 
   Orbax logs every save and restore at INFO, which absl turns on by default;
   we keep the console to progress lines unless --verbosity is given.
@@ -452,6 +459,11 @@ def setup() -> None:
           ' clusters JAX detects (SLURM, Open MPI), pass --coordinator_address,'
           ' --num_processes and --process_id.'
       ) from e
+  if FLAGS.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
+    # Every program, not only those that take a second or more (JAX's
+    # default): a run compiles dozens that take a fraction of one each.
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 
 
 HEADLINE = (

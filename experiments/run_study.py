@@ -58,6 +58,11 @@ regex_lists.define_regex_list(
     ' and an entry in double quotes is taken whole (e.g. "--manual_dir=/data, v2").'
 )
 flags.DEFINE_bool('skip_fer', False, 'Assume <root>/fer is complete.')
+flags.DEFINE_bool(
+    'compilation_cache', True,
+    'Runs share <root>/compilation_cache: each loads the programs that earlier runs'
+    ' (the same experiment on another protocol, a resumed run) compiled.',
+)
 
 FLAGS = flags.FLAGS
 
@@ -75,6 +80,7 @@ class StudyPlan:
   leaky_experiments: tuple[str, ...] = ('fc1',)
   near_duplicates: str = 'keep'
   extra_flags: tuple[str, ...] = ()
+  compilation_cache: bool = True
 
   def __post_init__(self):
     unknown = sorted(set(self.experiments + self.leaky_experiments) - set(EXPERIMENTS))
@@ -96,13 +102,17 @@ class StudyPlan:
         for name in (self.leaky_experiments if protocol == 'leaky' else self.experiments)
     ]
 
+  def _cache_flags(self) -> list[str]:
+    return [f'--compilation_cache_dir={self.root}/compilation_cache'] if self.compilation_cache else []
+
   def fer_command(self) -> list[str]:
     """Arguments of ``python`` for the FER pretraining."""
     stages = [f'--stages={regex_lists.join_entries(self.fer_stages)}'] if self.fer_stages else []
     return [
         '-m', 'experiments.pretrain_fer', f'--flagfile={CONFIGS}/fer.cfg',
         f'--workdir={self.root}/fer', *stages,
-        f'--schedule={self.fer_schedule or self.schedule}', '--noprogress', *self.extra_flags,
+        f'--schedule={self.fer_schedule or self.schedule}', '--noprogress', *self._cache_flags(),
+        *self.extra_flags,
     ]
 
   def age_command(self, protocol: str, experiment: str) -> list[str]:
@@ -114,7 +124,8 @@ class StudyPlan:
     return [
         '-m', 'experiments.finetune', f'--flagfile={CONFIGS}/{experiment}.cfg',
         f'--protocol={protocol}', f'--workdir={self.root}/{protocol}/{experiment}', *init,
-        *near, f'--schedule={self.schedule}', '--noprogress', *self.extra_flags,
+        *near, f'--schedule={self.schedule}', '--noprogress', *self._cache_flags(),
+        *self.extra_flags,
     ]
 
   def study_flags(self) -> list[str]:
@@ -123,7 +134,10 @@ class StudyPlan:
     shown = []
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if field.name == 'schedule' or value != getattr(default, field.name):
+      if isinstance(value, bool):
+        if value != getattr(default, field.name):
+          shown.append(f'--{"" if value else "no"}{field.name}')
+      elif field.name == 'schedule' or value != getattr(default, field.name):
         text = regex_lists.join_entries(value) if isinstance(value, tuple) else value
         shown.append(shlex.quote(f'--{field.name}={text}'))
     return shown
@@ -142,6 +156,7 @@ def plan_from_flags() -> StudyPlan:
         leaky_experiments=tuple(FLAGS.leaky_experiments),
         near_duplicates=FLAGS.near_duplicates,
         extra_flags=tuple(FLAGS.extra_flags),
+        compilation_cache=FLAGS.compilation_cache,
     )
   except ValueError as e:
     raise app.UsageError(str(e)) from e

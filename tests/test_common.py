@@ -284,5 +284,42 @@ class ParseStagesTest(parameterized.TestCase):
       self.assertEqual(got, want)
 
 
+_CACHE_SCRIPT = """
+import json, sys
+from absl import flags
+import jax, jax.numpy as jnp
+from experiments import common
+events = []
+jax.monitoring.register_event_listener(lambda event, **kwargs: events.append(event))
+flags.FLAGS(['prog', *sys.argv[1:]])
+common.setup()
+jax.jit(lambda x: jnp.sin(x) + 1)(jnp.ones(3)).block_until_ready()
+print(json.dumps([events.count(f'/jax/compilation_cache/{e}')
+                  for e in ('compile_requests_use_cache', 'cache_hits')]))
+"""
+
+
+class CompilationCacheTest(absltest.TestCase):
+
+  def test_a_later_run_loads_what_an_earlier_one_compiled(self):
+    # Programs that compile in well under a second, which JAX's default
+    # threshold would not have cached: the second run loads every one.
+    with tempfile.TemporaryDirectory() as tmp:
+      flag = f'--compilation_cache_dir={tmp}/cache'
+      programs, hits = _run_script(_CACHE_SCRIPT, flag)
+      self.assertGreater(programs, 0)
+      self.assertEqual(hits, 0)
+      self.assertNotEmpty(list(pathlib.Path(tmp, 'cache').iterdir()))
+      again = subprocess.run(
+          [sys.executable, '-c', _CACHE_SCRIPT, flag],
+          cwd=_ROOT, capture_output=True, text=True, check=True,
+      )
+    if 'Machine type used for XLA:CPU compilation' in again.stderr:
+      self.skipTest('XLA:CPU rejects the programs it cached on this CPU (openxla/xla#44565).')
+    self.assertEqual(
+        json.loads(again.stdout.splitlines()[-1]), [programs, programs], again.stderr[-2000:]
+    )
+
+
 if __name__ == '__main__':
   absltest.main()

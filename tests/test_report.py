@@ -215,7 +215,8 @@ class ReportTest(parameterized.TestCase):
       ('draft', 'changes test accuracy by +13.21 points'),
       ('command', '`python -m experiments.finetune --flagfile=experiments/configs/study/fc1.cfg'
                   ' --protocol=dedup --workdir=runs/study/dedup/fc1 --init_from=runs/study/fer'
-                  ' --schedule=short --noprogress`'),
+                  ' --schedule=short --noprogress'
+                  ' --compilation_cache_dir=runs/study/compilation_cache`'),
   )
   def test_markdown_contains(self, expected):
     self.assertIn(expected, self.md)

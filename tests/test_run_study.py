@@ -46,29 +46,35 @@ class StudyPlanTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ('default_fer', run_study.StudyPlan(), None,
        f'-m experiments.pretrain_fer --flagfile={_CFG}/fer.cfg --workdir=runs/study/fer'
-       ' --schedule=short --noprogress'),
+       ' --schedule=short --noprogress --compilation_cache_dir=runs/study/compilation_cache'),
       ('fer_own_schedule_and_stages',
        run_study.StudyPlan(root='runs/x', fer_schedule='paper', fer_stages=('a:2:1e-3:none', 'b:1:1e-4:none')),
        None,
        f'-m experiments.pretrain_fer --flagfile={_CFG}/fer.cfg --workdir=runs/x/fer'
-       ' --stages=a:2:1e-3:none,b:1:1e-4:none --schedule=paper --noprogress'),
+       ' --stages=a:2:1e-3:none,b:1:1e-4:none --schedule=paper --noprogress'
+       ' --compilation_cache_dir=runs/x/compilation_cache'),
       ('transfer_from_root', run_study.StudyPlan(root='runs/x', extra_flags=('--conv_impl=lax',)),
        ('leaky', 'fc1'),
        f'-m experiments.finetune --flagfile={_CFG}/fc1.cfg --protocol=leaky'
        ' --workdir=runs/x/leaky/fc1 --init_from=runs/x/fer --schedule=short --noprogress'
-       ' --conv_impl=lax'),
+       ' --compilation_cache_dir=runs/x/compilation_cache --conv_impl=lax'),
       ('scratch_loads_nothing', run_study.StudyPlan(schedule='paper'), ('paper', 'scratch'),
        f'-m experiments.finetune --flagfile={_CFG}/scratch.cfg --protocol=paper'
-       ' --workdir=runs/study/paper/scratch --schedule=paper --noprogress'),
+       ' --workdir=runs/study/paper/scratch --schedule=paper --noprogress'
+       ' --compilation_cache_dir=runs/study/compilation_cache'),
       ('near_duplicates_for_dedup', run_study.StudyPlan(near_duplicates='group'), ('dedup', 'fc1'),
        f'-m experiments.finetune --flagfile={_CFG}/fc1.cfg --protocol=dedup'
        ' --workdir=runs/study/dedup/fc1 --init_from=runs/study/fer --near_duplicates=group'
-       ' --schedule=short --noprogress'),
+       ' --schedule=short --noprogress --compilation_cache_dir=runs/study/compilation_cache'),
       ('near_duplicates_not_for_paper', run_study.StudyPlan(near_duplicates='group'),
        ('paper', 'fc1'),
        f'-m experiments.finetune --flagfile={_CFG}/fc1.cfg --protocol=paper'
        ' --workdir=runs/study/paper/fc1 --init_from=runs/study/fer --schedule=short'
-       ' --noprogress'),
+       ' --noprogress --compilation_cache_dir=runs/study/compilation_cache'),
+      ('without_compilation_cache', run_study.StudyPlan(compilation_cache=False),
+       ('dedup', 'scratch'),
+       f'-m experiments.finetune --flagfile={_CFG}/scratch.cfg --protocol=dedup'
+       ' --workdir=runs/study/dedup/scratch --schedule=short --noprogress'),
   )
   def test_command(self, plan, age_run, expected):
     args = plan.fer_command() if age_run is None else plan.age_command(*age_run)
@@ -84,10 +90,11 @@ class StudyPlanTest(parameterized.TestCase):
       ('defaults', run_study.StudyPlan(), ['--schedule=short']),
       ('everything', run_study.StudyPlan(
           root='runs/x', fer_schedule='paper', fer_stages=('a:2:1e-3:none', 'b:1:1e-4:none'),
-          protocols=('dedup',), experiments=('fc1',), extra_flags=('--stop_after_epoch=2',)),
+          protocols=('dedup',), experiments=('fc1',), extra_flags=('--stop_after_epoch=2',),
+          compilation_cache=False),
        ['--root=runs/x', '--schedule=short', '--fer_schedule=paper',
         '--fer_stages=a:2:1e-3:none,b:1:1e-4:none', '--protocols=dedup', '--experiments=fc1',
-        '--extra_flags=--stop_after_epoch=2']),
+        '--extra_flags=--stop_after_epoch=2', '--nocompilation_cache']),
       ('shell_quoted', run_study.StudyPlan(
           fer_stages=(r'a:2:1e-3:block\d{1,2}/.*',), near_duplicates='group'),
        ['--schedule=short', r"'--fer_stages=a:2:1e-3:block\d{1,2}/.*'",
