@@ -61,7 +61,7 @@ flags.DEFINE_bool('skip_fer', False, 'Assume <root>/fer is complete.')
 flags.DEFINE_bool(
     'compilation_cache', True,
     'Runs share <root>/compilation_cache: each loads the programs that earlier runs'
-    ' (the same experiment on another protocol, a resumed run) compiled.',
+    ' compiled (a resumed run; the same experiment on another protocol, on CPU).',
 )
 
 FLAGS = flags.FLAGS
