@@ -203,17 +203,18 @@ def _resume(
   epochs = ckpts.latest_epochs()
   if not epochs:
     return None
-  # The checkpoint replaces every value: only the structure is needed.
-  variables = steps.init_variables(
-      jax.random.key(0), config.model.build(), config.model.input_shape
-  )
+  # The checkpoint replaces every value: only shapes and structure are needed.
+  variables = abstract_variables(config.model)
 
   def restore(epoch: int) -> tuple[dict[str, Any], steps.TrainState]:
     progress = ckpts.latest_progress(epoch)
     _check_same_training(progress['config'], run_config, workdir)
     stage_idx = plan[progress['epoch'] - 1][0]
-    template = steps.create_train_state(
-        config.model, config.stages[stage_idx], variables, config.stages[:stage_idx]
+    template = jax.eval_shape(
+        lambda v: steps.create_train_state(
+            config.model, config.stages[stage_idx], v, config.stages[:stage_idx]
+        ),
+        variables,
     )
     restored = ckpts.restore_latest(
         checkpoints.abstract_like(_state_tree(template), parallel.replicated(mesh)),
