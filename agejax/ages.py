@@ -60,6 +60,9 @@ def age_to_class(ages: jax.Array, num_classes: int = NUM_AGE_CLASSES) -> jax.Arr
   if not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a Python int >= 1, got {num_classes!r}.")
   ages = jnp.asarray(ages)
+  if jnp.issubdtype(ages.dtype, jnp.integer):
+    # In a narrow integer type the clip bound itself could wrap around.
+    ages = ages.astype(jnp.int32)
   return jnp.clip(ages, 0, num_classes - 1).astype(jnp.int32)
 
 

@@ -79,7 +79,8 @@ def softmax_cross_entropy(
     raise ValueError(
         f"class_weights must have shape ({num_classes},), got {class_weights.shape}."
     )
-  return loss * (targets @ class_weights)
+  # Not ``targets @ class_weights``: a matmul would round the weights on TPU and GPU.
+  return loss * jnp.sum(targets * class_weights, axis=-1)
 
 
 def masked_mean(values: jax.Array, mask: jax.Array | None = None) -> jax.Array:

@@ -16,6 +16,9 @@ class AgeToClassTest(chex.TestCase):
       ("clips_old_and_negative", [-3, 100, 116], 100, [0, 99, 99]),
       ("floats_truncate", [0.4, 25.9, 98.99, -0.5], 100, [0, 25, 98, 0]),
       ("fewer_classes", [3, 9, 10, 42], 10, [3, 9, 9, 9]),
+      # The clip bound (299, 199) does not fit the ages' own dtype.
+      ("uint8_many_classes", np.array([0, 5, 50, 200], np.uint8), 300, [0, 5, 50, 200]),
+      ("int8_many_classes", np.array([-3, 5, 120], np.int8), 200, [0, 5, 120]),
   )
   def test_values(self, ages_in, num_classes, expected):
     fn = self.variant(lambda a: ages.age_to_class(a, num_classes=num_classes))

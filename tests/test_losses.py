@@ -28,6 +28,15 @@ def _np_log_softmax(logits: np.ndarray) -> np.ndarray:
 
 class SoftmaxCrossEntropyTest(chex.TestCase):
 
+  def test_soft_label_weights_are_not_a_matmul(self):
+    # As metrics.decode_expected: a dot_general would round on TPU and GPU.
+    logits, _, weights = _data(2)
+    soft = np.full((_B, _C), 1.0 / _C, np.float32)
+    jaxpr = jax.make_jaxpr(
+        lambda lg, lb: losses.softmax_cross_entropy(lg, lb, class_weights=weights)
+    )(logits, soft)
+    self.assertNotIn("dot_general", str(jaxpr))
+
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.named_parameters(
       ("plain", 0.0, False),

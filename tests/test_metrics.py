@@ -1,6 +1,7 @@
 """Tests for agejax.metrics against scikit-learn and NumPy references."""
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
@@ -191,6 +192,12 @@ class DecodeTest(chex.TestCase):
   def test_scalar_input_raises(self, fn):
     with self.assertRaisesRegex(ValueError, "class axis"):
       fn(jnp.float32(0.5))
+
+  def test_expected_is_not_a_matmul(self):
+    # A dot_general runs at the backend's default precision (bfloat16 passes on
+    # TPU, TF32 on GPU), which CPU tests cannot see: its absence is the check.
+    jaxpr = jax.make_jaxpr(metrics.decode_expected)(self._probs(9))
+    self.assertNotIn("dot_general", str(jaxpr))
 
   def test_expected_bad_class_values_raises(self):
     with self.assertRaisesRegex(ValueError, "class_values"):
