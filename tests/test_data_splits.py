@@ -55,6 +55,7 @@ _VARIANTS = {
     'brighter_and_more_contrast': lambda x: np.clip(x * 1.2 + 15, 0, 255).astype(np.uint8),
     'other_face': lambda x: _face(999),
     'mirrored': lambda x: x[:, ::-1],
+    'mirrored_and_reencoded': lambda x: _reencoded(x[:, ::-1].copy()),
 }
 
 
@@ -65,7 +66,8 @@ class NearDuplicateTest(parameterized.TestCase):
       ('resized', 'resized', True),
       ('brighter_and_more_contrast', 'brighter_and_more_contrast', True),
       ('other_face', 'other_face', False),
-      ('mirrored', 'mirrored', False),
+      ('mirrored', 'mirrored', True),
+      ('mirrored_and_reencoded', 'mirrored_and_reencoded', True),
   )
   def test_pairs(self, variant, found):
     faces = [_face(i) for i in range(5)]
@@ -81,6 +83,12 @@ class NearDuplicateTest(parameterized.TestCase):
     self.assertEqual(cleaning.near_duplicate_leaks(faces, {'test': empty}), {'test': 0})
     with self.assertRaisesRegex(ValueError, r'at least 12x12 pixels, got shape \(2, 8, 8, 1\)'):
       cleaning.near_duplicate_pairs(np.zeros((2, 8, 8, 1), np.uint8))
+
+  def test_symmetric_image_is_not_its_own_pair(self):
+    half = _face(0)[:, :24]
+    symmetric = np.concatenate([half, half[:, ::-1]], axis=1)
+    images = np.stack([symmetric, _face(1), _reencoded(symmetric)])[..., None]
+    self.assertEqual(cleaning.near_duplicate_pairs(images).tolist(), [[0, 2]])
 
   def test_flat_images_match_nothing(self):
     images = np.stack([np.full((48, 48), 7), np.full((48, 48), 200), _face(0)]).astype(np.uint8)
@@ -105,9 +113,12 @@ class NearDuplicateTest(parameterized.TestCase):
     self.assertEqual([g.tolist() for g in groups], expected)
 
   def test_leaks(self):
-    faces = np.stack([_face(i) for i in range(6)])[..., None]
-    train, test = faces[:4], np.stack([_reencoded(faces[1, ..., 0])[..., None], faces[4], faces[5]])
-    self.assertEqual(cleaning.near_duplicate_leaks(train, {'test': test}), {'test': 1})
+    faces = np.stack([_face(i) for i in range(7)])[..., None]
+    train = faces[:4]
+    test = np.stack([_reencoded(faces[1, ..., 0])[..., None], faces[4], faces[5]])
+    mirrored = np.stack([faces[2, :, ::-1], faces[6]])
+    self.assertEqual(cleaning.near_duplicate_leaks(train, {'test': test, 'validation': mirrored}),
+                     {'test': 1, 'validation': 1})
 
 
 class DeduplicateTest(parameterized.TestCase):
