@@ -119,6 +119,14 @@ class UtkFaceBuilderTest(_TmpDirTest):
     chex.assert_trees_all_equal(arrays, again)
     self.assertEqual(report_again['corrupt'], report['corrupt'])
 
+  def test_corrupt_image_with_a_bad_name_is_reported_corrupt(self):
+    # Renaming cannot fix it, so it must not be reported as a naming problem.
+    _write_tar(os.path.join(self.manual, utk_face.ARCHIVE), _utk_files(),
+               extra={'thirty_0_0_1.jpg.chip.jpg': b'not a jpeg'})
+    _, report = utk_face.load(self.manual, data_dir=self.data_dir)
+    self.assertEqual([c['file'] for c in report['corrupt']], ['thirty_0_0_1.jpg.chip.jpg'])
+    self.assertEqual(report['unparseable_names'], [])
+
   def test_truncated_archive_raises_and_leaves_nothing(self):
     path = os.path.join(self.manual, utk_face.ARCHIVE)
     _write_tar(path, _utk_files())
@@ -161,9 +169,18 @@ class UtkFaceBuilderTest(_TmpDirTest):
       ('not_gzip', 'garbage', r'UTKFace\.tar\.gz is truncated or not a valid'),
       ('nothing_usable', 'unusable',
        r"None of the 2 UTKFace images .*\(1 unreadable, 1 with names .*'x_0_0_1\.jpg\.chip\.jpg'"),
+      ('broken_link_in_folder', 'broken_link',
+       r'UTKFace/31_0_0_1\.jpg\.chip\.jpg cannot be read \(FileNotFoundError.*broken link'),
   )
   def test_bad_input_raises(self, layout, message):
-    if layout == 'unusable':
+    if layout == 'broken_link':
+      folder = os.path.join(self.manual, utk_face.FOLDER)
+      os.mkdir(folder)
+      with open(os.path.join(folder, _UTK_NAMES[0]), 'wb') as f:
+        f.write(_jpeg(0))
+      os.symlink(os.path.join(self.manual, 'gone.jpg'),
+                 os.path.join(folder, '31_0_0_1.jpg.chip.jpg'))
+    elif layout == 'unusable':
       _write_tar(os.path.join(self.manual, utk_face.ARCHIVE),
                  {'30_1_2_1.jpg.chip.jpg': b'xx', 'x_0_0_1.jpg.chip.jpg': _jpeg(0)})
     elif layout == 'folder':
@@ -257,9 +274,17 @@ class Fer2013BuilderTest(_TmpDirTest):
        r'no usable faces for split\(s\) validation \(PublicTest_\*\), test \(PrivateTest_\*\)'),
       ('csv_without_private_test', 'csv_no_test', r'fer2013\.csv has no usable faces for split\(s\) test'),
       ('csv_not_utf8', 'latin1', r'fer2013\.csv is not a readable UTF-8 CSV \(UnicodeDecodeError'),
+      ('broken_link_in_folder', 'broken_link',
+       r'train/happy/Training_2\.jpg cannot be read \(FileNotFoundError'),
   )
   def test_bad_input_raises(self, layout, message):
-    if layout == 'columns':
+    if layout == 'broken_link':
+      os.makedirs(os.path.join(self.manual, 'train', 'happy'))
+      with open(os.path.join(self.manual, 'train', 'happy', 'Training_1.jpg'), 'wb') as f:
+        f.write(_jpeg(0, size=48, mode='L'))
+      os.symlink(os.path.join(self.manual, 'gone.jpg'),
+                 os.path.join(self.manual, 'train', 'happy', 'Training_2.jpg'))
+    elif layout == 'columns':
       _write_csv(os.path.join(self.manual, fer2013.CSV_FILE),
                  [{'emotion': 0, 'image': '1', 'Usage': 'Training'}],
                  columns=('emotion', 'image', 'Usage'))

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 
 from agejax.data import image_decode
 from agejax.data import tfds_io
-from agejax.data.errors import DataError
+from agejax.data.errors import DataError, read_input_file
 
 # Original CSV codes: the index is the code.
 EMOTIONS = ('angry', 'disgust', 'fear', 'happy', 'sad', 'surprise', 'neutral')
@@ -84,8 +84,7 @@ def _folder_files(root: str) -> Iterator[tuple[str, bytes]]:
         path = os.path.join(dirpath, name)
         rel = os.path.relpath(path, root)
         if _is_image_entry(rel):
-          with open(path, 'rb') as f:
-            yield rel, f.read()
+          yield rel, read_input_file(path)
 
 
 def _zip_files(path: str) -> Iterator[tuple[str, bytes]]:

@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from agejax.data import image_decode
 from agejax.data import tfds_io
 from agejax.data import utkface_names
-from agejax.data.errors import DataError
+from agejax.data.errors import DataError, read_input_file
 
 ARCHIVE = 'UTKFace.tar.gz'
 FOLDER = 'UTKFace'
@@ -62,8 +62,7 @@ def _archive_files(path: str) -> Iterator[tuple[str, bytes]]:
 def _folder_files(path: str) -> Iterator[tuple[str, bytes]]:
   for root, _, names in sorted(os.walk(path)):
     for name in sorted(names):
-      with open(os.path.join(root, name), 'rb') as f:
-        yield name, f.read()
+      yield name, read_input_file(os.path.join(root, name))
 
 
 def _source_files(path: str) -> Iterator[tuple[str, bytes]]:
@@ -133,12 +132,13 @@ class UtkFace(tfds.core.GeneratorBasedBuilder):
         faces, size=self.builder_config.size, channels=self.builder_config.channels,
         num_workers=self._num_workers)
     for item in decoded:
+      # Corrupt first: renaming a file cannot make it usable.
+      if item.error is not None:
+        report['corrupt'].append({'file': item.name, 'error': item.error})
+        continue
       parsed = utkface_names.parse_name(item.name)
       if parsed is None:
         report['unparseable_names'].append(item.name)
-        continue
-      if item.error is not None:
-        report['corrupt'].append({'file': item.name, 'error': item.error})
         continue
       if parsed.malformed:
         report['malformed_names'].append(
