@@ -332,6 +332,7 @@ def fer_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     report['manual_dir'] = FLAGS.manual_dir
     report['load'] = fer2013.prepare_report(FLAGS.tfds_data_dir)
     _warn_skipped('FER2013', report['load'])
+    report['pixel_copies_in_train'] = fer2013.copies_in_train(splits)
   splits = _truncate(splits)
   if FLAGS.max_train_examples:
     report['train_truncated_to'] = len(splits['train']['label'])

@@ -210,6 +210,21 @@ def _write_csv(path: str, rows, columns=('emotion', 'pixels', 'Usage'), encoding
     writer.writerows(rows)
 
 
+class Fer2013CopiesInTrainTest(absltest.TestCase):
+
+  def test_counts_copies_and_other_labels(self):
+    faces = np.random.default_rng(0).integers(0, 256, (5, 48, 48, 1), dtype=np.uint8)
+    splits = {
+        # Face 0 is in train twice, under emotions 3 and 4.
+        'train': {'image': faces[[0, 0, 1, 2]], 'label': np.array([3, 4, 1, 2], np.int32)},
+        'validation': {'image': faces[[0, 3]], 'label': np.array([3, 0], np.int32)},
+        'test': {'image': faces[[1, 2, 4]], 'label': np.array([1, 5, 6], np.int32)},
+    }
+    self.assertEqual(fer2013.copies_in_train(splits),
+                     {'validation': {'rows': 1, 'other_label': 1},
+                      'test': {'rows': 2, 'other_label': 1}})
+
+
 class Fer2013BuilderTest(_TmpDirTest):
 
   @parameterized.named_parameters(

@@ -137,6 +137,11 @@ class RealFer2013Test(absltest.TestCase):
              for k, v in self.splits.items()}
     self.assertEqual(blank, {'train': 12, 'validation': 1, 'test': 0})
 
+  def test_pixel_copies_across_splits_are_counted(self):
+    self.assertEqual(fer2013.copies_in_train(self.splits),
+                     {'validation': {'rows': 280, 'other_label': 13},
+                      'test': {'rows': 288, 'other_label': 15}})
+
   def test_per_emotion_counts_in_original_codes(self):
     counts = {k: np.bincount(v['label'], minlength=7) for k, v in self.splits.items()}
     chex.assert_trees_all_equal(counts['train'],

@@ -7,7 +7,9 @@ Splits: train = Training, validation = PublicTest, test = PrivateTest; labels ar
 CSV emotion codes, whatever the input.
 """
 
+import collections
 import csv
+import hashlib
 import os
 import zipfile
 from collections.abc import Iterator
@@ -242,3 +244,25 @@ def prepare_report(data_dir: str | None = None) -> dict:
   """What the prepare step read and skipped, from a prepared dataset's metadata."""
   builder = Fer2013(data_dir=tfds_io.resolve_data_dir(data_dir), file_format=tfds_io.FILE_FORMAT)
   return dict(builder.info.metadata)
+
+
+def copies_in_train(splits: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, int]]:
+  """Validation and test faces whose pixels equal a train face's, per split.
+
+  ``rows`` counts them, ``other_label`` those with a train copy under another emotion.
+  FER2013's official splits share such copies (docs/DATA.md); they stay, as in the study,
+  and runs record how many, since validation picks the checkpoint.
+  """
+  train = collections.defaultdict(set)
+  for image, label in zip(splits['train']['image'], splits['train']['label']):
+    train[hashlib.md5(image.tobytes()).digest()].add(int(label))
+  counts = {}
+  for split in ('validation', 'test'):
+    rows = other_label = 0
+    for image, label in zip(splits[split]['image'], splits[split]['label']):
+      labels = train.get(hashlib.md5(image.tobytes()).digest())
+      if labels:
+        rows += 1
+        other_label += bool(labels - {int(label)})
+    counts[split] = {'rows': rows, 'other_label': other_label}
+  return counts
