@@ -283,6 +283,21 @@ def _synthetic_sizes() -> dict[str, int]:
   return {'train': FLAGS.synthetic_train, 'eval': FLAGS.synthetic_eval}
 
 
+def warn_other_source(dataset: str, load_report: dict[str, Any], manual_dir: str) -> None:
+  """Logs when the prepared copy in use was made from files outside ``manual_dir``.
+
+  A prepared dataset is reused whatever ``--manual_dir`` says (docs/DATA.md), so
+  pointing it at other files changes nothing unless this says so.
+  """
+  source = load_report.get('source')
+  manual = os.path.realpath(os.path.expanduser(manual_dir))
+  if source and os.path.commonpath([os.path.realpath(source), manual]) != manual:
+    logging.warning(
+        '%s: using the copy prepared earlier from %s, not the files in --manual_dir=%s;'
+        ' to prepare those instead, pass a fresh --tfds_data_dir.',
+        dataset, source, manual_dir)
+
+
 def _warn_skipped(dataset: str, load_report: dict[str, Any]) -> None:
   """Logs the files the prepare step could not use (they are left out of every split)."""
   corrupt = [c['file'] for c in load_report.get('corrupt', [])]
@@ -331,6 +346,7 @@ def fer_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     splits = fer2013.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
     report['manual_dir'] = FLAGS.manual_dir
     report['load'] = fer2013.prepare_report(FLAGS.tfds_data_dir)
+    warn_other_source('FER2013', report['load'], FLAGS.manual_dir)
     _warn_skipped('FER2013', report['load'])
     report['pixel_copies_in_train'] = fer2013.copies_in_train(splits)
   splits = _truncate(splits)
@@ -351,6 +367,7 @@ def age_data() -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     )
   else:
     arrays, load_report = utk_face.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
+    warn_other_source('UTKFace', load_report, FLAGS.manual_dir)
     _warn_skipped('UTKFace', load_report)
     splits, split_report = splits_lib.make_splits(
         arrays, protocol=FLAGS.protocol, seed=FLAGS.split_seed,

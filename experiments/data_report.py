@@ -59,6 +59,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   with common.user_errors():
     arrays, prepare_report = utk_face.load(FLAGS.manual_dir, data_dir=FLAGS.tfds_data_dir)
+  common.warn_other_source('UTKFace', prepare_report, FLAGS.manual_dir)
   splits, split_report = splits_lib.make_splits(
       arrays, protocol=FLAGS.protocol, seed=FLAGS.split_seed, max_age=_MAX_AGE.value,
       near_duplicates=FLAGS.near_duplicates)

@@ -116,6 +116,37 @@ class DataReportTest(parameterized.TestCase):
     self.assertEqual(saved['balancing']['undersample'], {'age': 15, 'n': 1})
 
 
+_SOURCE_SCRIPT = """
+import json, sys
+from absl import flags
+from experiments import common
+flags.FLAGS(['prog'])
+common.warn_other_source('UTKFace', {'source': sys.argv[1]}, sys.argv[2])
+print(json.dumps('done'))
+"""
+
+
+class OtherSourceWarningTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('inside', 'data/UTKFace.tar.gz', 'data', False),
+      ('the_folder_itself', 'data/UTKFace', 'data/UTKFace', False),
+      ('elsewhere', 'old/UTKFace.tar.gz', 'data', True),
+      ('sibling_with_a_common_prefix', 'data2/UTKFace.tar.gz', 'data', True),
+  )
+  def test_warns_when_the_prepared_copy_came_from_elsewhere(self, source, manual, warns):
+    with tempfile.TemporaryDirectory() as tmp:
+      result = subprocess.run(
+          [sys.executable, '-c', _SOURCE_SCRIPT, f'{tmp}/{source}', f'{tmp}/{manual}'],
+          cwd=_ROOT, capture_output=True, text=True, check=True,
+      )
+    warned = 'using the copy prepared earlier from' in result.stderr
+    self.assertEqual(warned, warns, result.stderr[-2000:])
+    if warns:
+      self.assertIn(f'{tmp}/{source}, not the files in --manual_dir={tmp}/{manual}',
+                    result.stderr)
+
+
 _CAP_SCRIPT = """
 import json
 import numpy as np
