@@ -127,7 +127,7 @@ _HOST_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax
     from agejax import parallel
-    process, port, workdir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    process, port, workdir, epoch_mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
     if port != 'none':
       jax.config.update('jax_cpu_collectives_implementation', 'gloo')
       parallel.initialize_distributed(f'localhost:{port}', 2, process)
@@ -139,7 +139,7 @@ _HOST_SCRIPT = textwrap.dedent("""
         model=model,
         stages=(config.StageConfig('s1', 1, 1e-3, freeze='paper'),
                 config.StageConfig('s2', 1, 1e-4, freeze='none')),
-        batch_size=16, eval_batch_size=16, epoch_mode='loop')
+        batch_size=16, eval_batch_size=16, epoch_mode=epoch_mode)
     # 24 validation and test faces in batches of 16: the last batch is padded.
     data = synthetic.make_age_splits(seed=3, n_train=64, n_val=24, n_test=24)
     results = train.train_and_evaluate(run, data, workdir, show_progress=False, log=print)
@@ -206,9 +206,9 @@ def _free_port() -> int:
 class MultiHostTest(absltest.TestCase):
   """Two processes (hosts) of two CPU devices each train like one process of four."""
 
-  def _start(self, process, port, workdir, devices):
+  def _start(self, process, port, workdir, devices, epoch_mode='loop'):
     proc = subprocess.Popen(
-        [sys.executable, '-c', _HOST_SCRIPT, str(process), str(port), workdir],
+        [sys.executable, '-c', _HOST_SCRIPT, str(process), str(port), workdir, epoch_mode],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_cpu_env(devices),
     )
     # After a failed assertion: killed and reaped before its directory goes.
@@ -251,13 +251,14 @@ class MultiHostTest(absltest.TestCase):
 
     # The newest checkpoint cut short on shared storage: both hosts resume
     # from the epoch before (process 0 sets the damaged one aside), and the
-    # run ends as before.
+    # run ends as before; now with scanned epochs (the default off the CPU),
+    # the training set replicated over both hosts' devices.
     latest = run / 'checkpoints' / 'latest'
     for f in (latest / '2' / 'state').rglob('*'):
       if f.is_file():
         f.unlink()
     port = _free_port()
-    hosts = [self._start(p, port, f'{tmp}/hosts', devices=2) for p in (0, 1)]
+    hosts = [self._start(p, port, f'{tmp}/hosts', devices=2, epoch_mode='scan') for p in (0, 1)]
     for got in [self._results(h) for h in hosts]:
       self._assert_like(got, one)
     self.assertEqual(sorted(os.listdir(latest)), ['1', '2', '2.unreadable'])
