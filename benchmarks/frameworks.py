@@ -18,6 +18,15 @@ Each row is the median over ``--repeats`` rounds of ``--steps`` steps, after
 ``--settle_s`` before each timed repeat so that the previous worker's
 spinning threads do not slow the next one.
 
+Load from outside hits the frameworks unequally: PyTorch's OpenMP threads,
+which spin while they wait, slow down far more than agejax's or Keras' when
+another process takes a core (3.25x agejax / PyTorch on a loaded 2-core Zen 3
+where the quiet machine gives 1.26x; docs/performance_log.md, session 29).
+So each worker counts the CPU time that others (other processes, the
+hypervisor's steal) took during its repeat, from /proc, and a round in which
+any repeat lost more than ``--max_others_cpu`` of the CPUs is run again, up
+to ``--repeats`` extra rounds per case; the output says how many were.
+
 Short repeats weigh a slow step heavily: a step that page-faults fresh
 memory in, or one right after another worker has churned memory. Repeats
 of 12 steps (``--steps=12``) measure the steady state of a training run's
@@ -87,6 +96,12 @@ _HOST_MALLOC = flags.DEFINE_enum(
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats per row.')
 _STEPS = flags.DEFINE_integer('steps', 5, 'Steps per timed repeat.')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps before timing.')
+_MAX_OTHERS_CPU = flags.DEFINE_float(
+    'max_others_cpu',
+    0.05,
+    'A round is contended, and run again, when something else took more than'
+    ' this share of the CPUs during one of its repeats (see the module doc).',
+)
 _SCAN_BATCHES = flags.DEFINE_integer(
     'scan_batches', 4, 'Batches per agejax-scan epoch (one compiled call).'
 )
@@ -284,8 +299,12 @@ def _keras_builder() -> StepBuilder:
     mode, batch_size = case
     # Tensors before timing, as the other frameworks' batches are on device.
     images, labels = (tf.convert_to_tensor(a) for a in _random_batch(batch_size))
+    # A fresh tf.function per case: one traced again for a second batch size
+    # gets an unknown batch dimension, and every case is to run as the first.
     if mode == 'train':
+      model.make_train_function(force=True)
       return lambda: model.train_on_batch(images, labels), 1
+    model.make_test_function(force=True)
     return lambda: model.test_on_batch(images, labels), 1
 
   return build
@@ -324,12 +343,39 @@ def device_of(framework: str) -> str:
   return f'gpu ({gpus[0].name})' if gpus else 'cpu'
 
 
+def cpu_ticks() -> tuple[int, int, int] | None:
+  """Clock ticks since boot: all CPUs busy, stolen by the hypervisor, and this process's own.
+
+  From /proc/stat and /proc/self/stat (Linux); None where they cannot be read.
+  """
+  try:
+    with open('/proc/stat') as f:
+      fields = [int(x) for x in f.readline().split()[1:9]]
+    with open('/proc/self/stat') as f:
+      # Fields after the command name, which may hold spaces: utime, stime are 14, 15.
+      own = f.read().rpartition(')')[2].split()
+  except OSError:
+    return None
+  user, nice, system, _, _, irq, softirq, steal = fields
+  return user + nice + system + irq + softirq, steal, int(own[11]) + int(own[12])
+
+
+def others_share(
+    start: tuple[int, int, int], end: tuple[int, int, int], wall_s: float, num_cpus: int,
+    ticks_per_s: int,
+) -> float:
+  """Share of ``num_cpus`` CPUs' time over ``wall_s`` that others took (`cpu_ticks` at both ends)."""
+  busy, steal, own = (e - s for e, s in zip(end, start, strict=True))
+  return max(0, busy - own + steal) / ticks_per_s / (wall_s * num_cpus)
+
+
 def _worker(
     framework: str, conn: Any, steps: int, warmup: int, scan_batches: int
 ) -> None:
-  """Serves timing requests: receives a case, answers images/s."""
+  """Serves timing requests: receives a case, answers images/s and `others_share` (or None)."""
   build = _builder(framework, scan_batches)
   runs: dict[Case, tuple[Callable[[], None], int]] = {}
+  num_cpus, ticks_per_s = len(os.sched_getaffinity(0)), os.sysconf('SC_CLK_TCK')
   conn.send(device_of(framework))
   while (case := conn.recv()) is not None:
     if case not in runs:
@@ -337,10 +383,15 @@ def _worker(
       for _ in range(warmup):
         runs[case][0]()
     run, batches = runs[case]
+    ticks = cpu_ticks()
     start = time.perf_counter()
     for _ in range(steps):
       run()
-    conn.send(steps * batches * case[1] / (time.perf_counter() - start))
+    wall_s = time.perf_counter() - start
+    end = cpu_ticks()
+    share = None if ticks is None or end is None else others_share(
+        ticks, end, wall_s, num_cpus, ticks_per_s)
+    conn.send((steps * batches * case[1] / wall_s, share))
 
 
 def measure(
@@ -351,13 +402,17 @@ def measure(
     warmup: int,
     scan_batches: int = 4,
     settle_s: float = 0.0,
-) -> tuple[dict[tuple[str, Case], list[float]], dict[str, str]]:
+    max_others_cpu: float = 1.0,
+) -> tuple[dict[tuple[str, Case], list[float]], dict[str, str], dict[Case, tuple[int, int]]]:
   """Images/s per (framework, case), one sample per round; each framework's device.
 
   Each case runs ``repeats`` rounds; in a round every framework times one
   repeat, in turn. ``settle_s`` seconds of pause before each timed repeat
   keep one framework's busy-waiting threads (OpenMP, Eigen) from slowing the
-  next one down.
+  next one down. A round in which others took more than ``max_others_cpu``
+  of the CPUs during a repeat is run again, up to ``repeats`` times per
+  case; after that contended rounds are kept. Also returns, per case, the
+  contended rounds (run again, kept).
   """
   ctx = mp.get_context('spawn')
   workers = {}
@@ -370,21 +425,32 @@ def measure(
     workers[fw] = (proc, parent)
   devices = {fw: conn.recv() for fw, (_, conn) in workers.items()}
   samples: dict[tuple[str, Case], list[float]] = {}
+  contended: dict[Case, tuple[int, int]] = {}
   try:
     for case in cases:
-      for _ in range(repeats):
+      rerun = kept_contended = 0
+      while len(samples.get((frameworks[0], case), [])) < repeats:
+        round_samples, quiet = {}, True
         for fw, (_, conn) in workers.items():
           # Lets the previous worker's spinning pool threads go idle.
           time.sleep(settle_s)
           conn.send(case)
-          samples.setdefault((fw, case), []).append(conn.recv())
+          round_samples[fw], share = conn.recv()
+          quiet &= share is None or share <= max_others_cpu
+        if not quiet and rerun < repeats:
+          rerun += 1
+          continue
+        kept_contended += not quiet
+        for fw, value in round_samples.items():
+          samples.setdefault((fw, case), []).append(value)
+      contended[case] = (rerun, kept_contended)
   finally:
     for proc, conn in workers.values():
       if proc.is_alive():
         conn.send(None)
         proc.join(timeout=60)
       proc.terminate()
-  return samples, devices
+  return samples, devices, contended
 
 
 def format_table(
@@ -435,7 +501,7 @@ def main(argv: Sequence[str]) -> None:
   cases: list[Case] = [('train', int(b)) for b in _BATCH_SIZES.value]
   if _EVAL_BATCH_SIZE.value:
     cases.append(('eval', _EVAL_BATCH_SIZE.value))
-  samples, devices = measure(
+  samples, devices, contended = measure(
       frameworks,
       cases,
       _REPEATS.value,
@@ -443,11 +509,17 @@ def main(argv: Sequence[str]) -> None:
       _WARMUP.value,
       _SCAN_BATCHES.value,
       _SETTLE_S.value,
+      _MAX_OTHERS_CPU.value,
   )
   print('devices:', ', '.join(f'{fw} {device}' for fw, device in devices.items()))
   print(
       f'images/s, median of {_REPEATS.value} rounds of {_STEPS.value} steps;'
       ' ratios: median of the rounds (lowest-highest)'
+  )
+  print(
+      f'contended rounds (others took > {_MAX_OTHERS_CPU.value:.0%} of the CPUs during'
+      ' a repeat), run again / kept: '
+      + ', '.join(f'{mode} b{bs} {r} / {k}' for (mode, bs), (r, k) in contended.items())
   )
   print(format_table(frameworks, cases, samples))
 

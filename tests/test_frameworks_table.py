@@ -1,8 +1,9 @@
-"""Tests for benchmarks.frameworks: the table's medians and paired ratios, the device record."""
+"""Tests for benchmarks.frameworks: the table's medians and paired ratios, the load record, the device record."""
 
 from __future__ import annotations
 
 from absl.testing import absltest
+from absl.testing import parameterized
 
 from benchmarks import frameworks
 
@@ -47,6 +48,31 @@ class FormatTableTest(absltest.TestCase):
             '| agejax-bf16 / keras | 2.00x (2.00-2.00) |',
         ],
     )
+
+
+class OthersShareTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      # (busy, steal, own) ticks at the start and at the end of a 1 s repeat
+      # on 2 CPUs at 100 ticks/s: 200 ticks of CPU time in all.
+      ('alone', (1000, 0, 500), (1200, 0, 700), 0.0),
+      ('another_process_took_half_a_core', (1000, 0, 500), (1200, 0, 650), 0.25),
+      ('the_hypervisor_stole_20_ticks', (1000, 5, 500), (1180, 25, 680), 0.1),
+      # Tick sampling can give the process a tick more than all CPUs' busy time.
+      ('rounding_is_not_negative', (1000, 0, 500), (1199, 0, 700), 0.0),
+  )
+  def test_share(self, start, end, want):
+    self.assertAlmostEqual(frameworks.others_share(start, end, 1.0, 2, 100), want)
+
+  def test_reads_this_machine(self):
+    ticks = frameworks.cpu_ticks()
+    if ticks is None:
+      self.skipTest('no /proc/stat here')
+    busy, steal, own = ticks
+    self.assertGreaterEqual(busy, own)
+    self.assertGreaterEqual(steal, 0)
+    sum(range(3_000_000))  # a little CPU time of its own
+    self.assertGreater(frameworks.cpu_ticks()[2], own)
 
 
 class DeviceTest(absltest.TestCase):
