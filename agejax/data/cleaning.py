@@ -125,9 +125,10 @@ def near_duplicate_leaks(
   train_sigs = _signatures_and_mirrored(train)
   leaks = {}
   for name, images in others.items():
+    queries = _signatures(images)
     best = np.full(len(images), -1.0, np.float32)
     for keys in train_sigs:
-      for start, corr in _correlations(_signatures(images), keys):
+      for start, corr in _correlations(queries, keys):
         rows = slice(start, start + len(corr))
         best[rows] = np.maximum(best[rows], np.max(corr, axis=1, initial=-1.0))
     leaks[name] = int(np.sum(best >= min_corr))
