@@ -1,4 +1,7 @@
-"""The error raised for bad data a user can fix (missing, corrupt or malformed input files)."""
+"""The error raised for bad data a user can fix (missing, corrupt or malformed input files).
+
+Also the reader of dataset folders' files, which raises it for a file it cannot read.
+"""
 
 
 class DataError(ValueError):
