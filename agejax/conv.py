@@ -79,13 +79,15 @@ the pooling with the same ``impl`` names as the convolution.
 
 Inference is different: with no backward pass, XLA:CPU gives the whole
 forward network (convolutions, bias, ReLU, BatchNorm on running statistics,
-pooling, the first dense layer) to YNNPACK as one fused graph, which runs it
-near the machine's matmul peak from batch 128 up. Only the first
+pooling, the first dense layer) to YNNPACK as one fused graph, which on
+CPUs with AVX-512 runs it near the machine's matmul peak from batch 128 up
+(on an AVX2 CPU measured, the custom forward stays faster). Only the first
 convolution, whose input has one channel, stays outside that graph. The
 ``'ynnpack'`` implementation (`ynnpack_conv_general_dilated` and `relu_for`)
 computes it as a sum of shifted products instead, which XLA fuses with its
 bias add and ReLU into one loop ahead of the graph. `resolve_impl` maps
-``'auto'`` to ``'ynnpack'`` for inference batches of 128 and more.
+``'auto'`` to ``'ynnpack'`` for inference batches of 128 and more on
+CPUs with AVX-512.
 """
 
 from __future__ import annotations
@@ -118,21 +120,24 @@ _NHWC_HWIO = lax.ConvDimensionNumbers(
 # dtype, else XLA's dot.
 _dot_general = onednn.dot_general
 
-# From this batch size up, XLA:CPU's fused YNNPACK inference graph (``lax``
-# convolutions and ``reduce_window`` pooling) beats the Eigen-routed forward:
-# 535-725 vs 459-520 images/s at batch 128-512, but 316-387 vs 477-500 at
-# batch 64 (2-core Zen 4, docs/performance_log.md).
+# From this batch size up, on CPUs with this flag, XLA:CPU's fused YNNPACK
+# inference graph (``lax`` convolutions and ``reduce_window`` pooling) beats
+# the custom forward: 890-1131 vs 812-860 images/s at batch 128-512, but 676
+# vs 898 at batch 64 (2-core Zen 4). On an AVX2 Zen 3 the custom forward is
+# faster at every batch size measured, 1.4-1.6x at 128 and 0.98-1.14x at
+# 256-1024 (docs/performance_log.md, sessions 11 and 30).
 _YNN_INFERENCE_MIN_BATCH = 128
+_YNN_INFERENCE_CPU_FLAG = 'avx512f'
 
 
 def resolve_impl(impl: str, *, train: bool, batch_size: int) -> str:
   """The implementation ``'auto'`` stands for in one forward pass.
 
   Off the CPU, ``'lax'``. On the CPU, ``'matmul'`` for training (its custom
-  VJP is the fast backward pass) and for small inference batches,
-  ``'ynnpack'`` for inference batches of at least 128 (see the module
-  docstring). Other implementations are returned as they are. All choices
-  give the same values up to float32 rounding.
+  VJP is the fast backward pass) and for inference, except ``'ynnpack'``
+  for inference batches of at least 128 on CPUs with AVX-512 (see the
+  module docstring). Other implementations are returned as they are. All
+  choices give the same values up to float32 rounding.
 
   Args:
     impl: One of `IMPLS`.
@@ -148,7 +153,11 @@ def resolve_impl(impl: str, *, train: bool, batch_size: int) -> str:
     return impl
   if jax.default_backend() != 'cpu':
     return 'lax'
-  if not train and batch_size >= _YNN_INFERENCE_MIN_BATCH:
+  if (
+      not train
+      and batch_size >= _YNN_INFERENCE_MIN_BATCH
+      and _YNN_INFERENCE_CPU_FLAG in onednn.cpu_flags()
+  ):
     return 'ynnpack'
   return 'matmul'
 

@@ -277,12 +277,15 @@ def native_bfloat16() -> bool:
   Also where `agejax.conv` computes bfloat16 convolutions in bfloat16; on
   other CPUs it computes them in float32.
   """
-  flags = _cpu_flags()
+  flags = cpu_flags()
   return any(flag in flags for flag in _BFLOAT16_CPU_FLAGS)
 
 
-def _cpu_flags() -> frozenset[str]:
-  """The words of `_CPUINFO` (its ``flags`` lines among them); empty if unreadable."""
+def cpu_flags() -> frozenset[str]:
+  """The words of `_CPUINFO` (its ``flags`` lines among them); empty if unreadable.
+
+  Also what `agejax.conv` reads to choose its CPU kernels.
+  """
   try:
     with open(_CPUINFO, encoding='utf-8') as f:
       return frozenset(f.read().split())
@@ -296,7 +299,7 @@ def _avx512_core() -> bool:
   The CPU has every one of `_AVX512_CORE_CPU_FLAGS`, and no
   `_MAX_ISA_VARIABLES` caps oneDNN below them.
   """
-  if not set(_AVX512_CORE_CPU_FLAGS) <= _cpu_flags():
+  if not set(_AVX512_CORE_CPU_FLAGS) <= cpu_flags():
     return False
   for variable in _MAX_ISA_VARIABLES:
     cap = os.environ.get(variable, '').strip().upper()

@@ -32,6 +32,13 @@ memory in, or one right after another worker has churned memory. Repeats
 of 12 steps (``--steps=12``) measure the steady state of a training run's
 steps back to back (docs/performance_log.md, session 22).
 
+Each rival also runs in the configurations a user tuning it would try:
+``torch-compile`` (Inductor), ``torch-passive`` (OpenMP threads that sleep
+while they wait), ``keras-onednn`` (TensorFlow's oneDNN kernels, off by
+default on CPUs without AVX-512) and ``keras-xla`` (``jit_compile=True``).
+With more than one rival, the table's last ratio per agejax row is against
+the fastest of them, round by round.
+
 Keras and PyTorch are benchmark-only extras (benchmarks/requirements-bench.txt),
 never agejax dependencies. Run from the repository root:
 
@@ -65,9 +72,19 @@ FRAMEWORKS = (
     'agejax-matmul',
     'agejax-ynnpack',
     'torch',
+    'torch-passive',
     'torch-compile',
     'keras',
+    'keras-onednn',
+    'keras-xla',
 )
+# Environment each rival variant's worker sets before it imports its framework.
+RIVAL_ENV = {
+    # OpenMP pool threads sleep instead of spinning while they wait.
+    'torch-passive': {'OMP_WAIT_POLICY': 'PASSIVE'},
+    # TensorFlow keeps its oneDNN kernels off by default on CPUs without AVX-512.
+    'keras-onednn': {'TF_ENABLE_ONEDNN_OPTS': '1'},
+}
 
 _FRAMEWORKS = flags.DEFINE_list(
     'frameworks', list(FRAMEWORKS), f'Subset of {FRAMEWORKS}.'
@@ -260,8 +277,8 @@ def _torch_builder(compiled: bool) -> StepBuilder:
   return build
 
 
-def _keras_builder() -> StepBuilder:
-  """Keras 3 on TensorFlow, compiled tf.function steps without XLA."""
+def _keras_builder(xla: bool) -> StepBuilder:
+  """Keras 3 on TensorFlow: compiled tf.function steps, through XLA with ``xla``."""
   os.environ.setdefault('KERAS_BACKEND', 'tensorflow')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   import keras  # pylint: disable=g-import-not-at-top
@@ -292,7 +309,7 @@ def _keras_builder() -> StepBuilder:
       optimizer=keras.optimizers.Adam(1e-3, epsilon=1e-8),  # optax's and torch's
       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
       metrics=['accuracy'],
-      jit_compile=False,
+      jit_compile=xla,
   )
 
   def build(case: Case) -> tuple[Callable[[], None], int]:
@@ -320,10 +337,10 @@ def _check_params(name: str, n_params: int) -> None:
 def _builder(framework: str, scan_batches: int) -> StepBuilder:
   if framework.startswith('agejax-'):
     return _agejax_builder(framework.removeprefix('agejax-'), scan_batches)
-  if framework in ('torch', 'torch-compile'):
+  if framework.startswith('torch'):
     return _torch_builder(compiled=framework == 'torch-compile')
-  if framework == 'keras':
-    return _keras_builder()
+  if framework.startswith('keras'):
+    return _keras_builder(xla=framework == 'keras-xla')
   raise ValueError(f'Unknown framework {framework!r}; expected {FRAMEWORKS}.')
 
 
@@ -340,7 +357,13 @@ def device_of(framework: str) -> str:
     return 'cpu'
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   gpus = tf.config.list_physical_devices('GPU')
-  return f'gpu ({gpus[0].name})' if gpus else 'cpu'
+  if gpus:
+    return f'gpu ({gpus[0].name})'
+  try:
+    from tensorflow.python.util import _pywrap_util_port  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return 'cpu'
+  return f'cpu (oneDNN {"on" if _pywrap_util_port.IsMklEnabled() else "off"})'
 
 
 def cpu_ticks() -> tuple[int, int, int] | None:
@@ -373,6 +396,7 @@ def _worker(
     framework: str, conn: Any, steps: int, warmup: int, scan_batches: int
 ) -> None:
   """Serves timing requests: receives a case, answers images/s and `others_share` (or None)."""
+  os.environ.update(RIVAL_ENV.get(framework, {}))
   build = _builder(framework, scan_batches)
   runs: dict[Case, tuple[Callable[[], None], int]] = {}
   num_cpus, ticks_per_s = len(os.sched_getaffinity(0)), os.sysconf('SC_CLK_TCK')
@@ -465,7 +489,9 @@ def format_table(
   a round, followed by the lowest and highest of those in brackets: a
   round's repeats run back to back, so a machine that slows down for a
   while slows both sides of a round's ratio, where it can move one median
-  and not the other.
+  and not the other. With more than one rival, a last row per agejax
+  variant divides, round by round, by the fastest rival of that round
+  (the issue's goal is against the faster of Keras and PyTorch).
   """
   header = [f'{mode} b{bs}' for mode, bs in cases]
   lines = [
@@ -476,18 +502,22 @@ def format_table(
     cells = [f'{statistics.median(samples[fw, c]):.0f}' for c in cases]
     lines.append(f'| {fw} | ' + ' | '.join(cells) + ' |')
   rivals = [fw for fw in frameworks if not fw.startswith('agejax')]
+  groups = [(rival, [rival]) for rival in rivals]
+  if len(rivals) > 1:
+    groups.append(('fastest rival', rivals))
   for fw in frameworks:
     if not fw.startswith('agejax'):
       continue
-    for rival in rivals:
+    for name, group in groups:
       cells = []
       for c in cases:
-        ratios = [a / b for a, b in zip(samples[fw, c], samples[rival, c])]
+        best = [max(rnd) for rnd in zip(*(samples[r, c] for r in group))]
+        ratios = [a / b for a, b in zip(samples[fw, c], best)]
         cells.append(
             f'{statistics.median(ratios):.2f}x'
             f' ({min(ratios):.2f}-{max(ratios):.2f})'
         )
-      lines.append(f'| {fw} / {rival} | ' + ' | '.join(cells) + ' |')
+      lines.append(f'| {fw} / {name} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 

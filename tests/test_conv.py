@@ -786,22 +786,29 @@ class ConvGeneralDilatedForTest(parameterized.TestCase):
     self.assertEqual(got, want_matmul)
 
   @parameterized.parameters(
-      # impl, backend, train, batch_size, resolved
-      ('lax', 'cpu', True, 64, 'lax'),
-      ('lax', 'cpu', False, 512, 'lax'),
-      ('matmul', 'cpu', False, 512, 'matmul'),
-      ('matmul', 'gpu', True, 64, 'matmul'),
-      ('ynnpack', 'cpu', True, 64, 'ynnpack'),
-      ('ynnpack', 'gpu', False, 512, 'ynnpack'),
-      ('auto', 'cpu', True, 64, 'matmul'),
-      ('auto', 'cpu', True, 512, 'matmul'),
-      ('auto', 'cpu', False, 127, 'matmul'),
-      ('auto', 'cpu', False, 128, 'ynnpack'),
-      ('auto', 'gpu', True, 64, 'lax'),
-      ('auto', 'tpu', False, 8, 'lax'),
+      # impl, backend, train, batch_size, CPU has AVX-512, resolved
+      ('lax', 'cpu', True, 64, True, 'lax'),
+      ('lax', 'cpu', False, 512, True, 'lax'),
+      ('matmul', 'cpu', False, 512, True, 'matmul'),
+      ('matmul', 'gpu', True, 64, True, 'matmul'),
+      ('ynnpack', 'cpu', True, 64, False, 'ynnpack'),
+      ('ynnpack', 'gpu', False, 512, True, 'ynnpack'),
+      ('auto', 'cpu', True, 64, True, 'matmul'),
+      ('auto', 'cpu', True, 512, True, 'matmul'),
+      ('auto', 'cpu', False, 127, True, 'matmul'),
+      ('auto', 'cpu', False, 128, True, 'ynnpack'),
+      ('auto', 'cpu', False, 128, False, 'matmul'),
+      ('auto', 'cpu', False, 1024, False, 'matmul'),
+      ('auto', 'gpu', True, 64, True, 'lax'),
+      ('auto', 'tpu', False, 8, True, 'lax'),
+      ('auto', 'tpu', False, 512, False, 'lax'),
   )
-  def test_resolve_impl(self, impl, backend, train, batch_size, want):
-    with mock.patch.object(jax, 'default_backend', return_value=backend):
+  def test_resolve_impl(self, impl, backend, train, batch_size, avx512, want):
+    flags = frozenset({'avx2', 'fma'} | ({'avx512f'} if avx512 else set()))
+    with (
+        mock.patch.object(jax, 'default_backend', return_value=backend),
+        mock.patch.object(onednn, 'cpu_flags', return_value=flags),
+    ):
       got = conv.resolve_impl(impl, train=train, batch_size=batch_size)
     self.assertEqual(got, want)
 

@@ -42,12 +42,35 @@ class FormatTableTest(absltest.TestCase):
         ['torch', 'keras', 'agejax-bf16'], [case], samples
     ).splitlines()
     self.assertEqual(
-        lines[-2:],
+        lines[-3:],
         [
             '| agejax-bf16 / torch | 4.00x (4.00-4.00) |',
             '| agejax-bf16 / keras | 2.00x (2.00-2.00) |',
+            '| agejax-bf16 / fastest rival | 2.00x (2.00-2.00) |',
         ],
     )
+
+  def test_fastest_rival_is_chosen_round_by_round(self):
+    # torch is faster in round 1, keras in rounds 2 and 3: the rounds'
+    # ratios against the fastest are 300 / 200, 300 / 250 and 300 / 150.
+    case = ('train', 64)
+    samples = {
+        ('agejax-auto', case): [300.0, 300.0, 300.0],
+        ('torch', case): [200.0, 100.0, 100.0],
+        ('keras', case): [150.0, 250.0, 150.0],
+    }
+    lines = frameworks.format_table(
+        ['agejax-auto', 'torch', 'keras'], [case], samples
+    ).splitlines()
+    self.assertEqual(
+        lines[-1], '| agejax-auto / fastest rival | 1.50x (1.20-2.00) |'
+    )
+
+  def test_one_rival_gets_no_fastest_row(self):
+    case = ('train', 64)
+    samples = {('agejax-auto', case): [2.0], ('torch', case): [1.0]}
+    table = frameworks.format_table(['agejax-auto', 'torch'], [case], samples)
+    self.assertNotIn('fastest', table)
 
 
 class OthersShareTest(parameterized.TestCase):

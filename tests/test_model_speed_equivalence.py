@@ -223,25 +223,27 @@ class CnnSpeedEquivalenceTest(parameterized.TestCase):
         logits['matmul'], logits['lax'], rtol=_TOL, atol=_TOL
     )
 
-  @parameterized.parameters((24, True), (128, False))
-  def test_auto_eval_resolves_by_batch_and_equals_lax(self, batch, matmul):
-    # On CPU, 'auto' inference takes the matmul path below batch 128 and
-    # 'ynnpack' (lax convolutions in one fused YNNPACK graph, the first as
-    # shifted products) from 128 up; values agree either way.
+  @parameterized.parameters((24, True, True), (128, True, False), (128, False, True))
+  def test_auto_eval_resolves_by_batch_and_equals_lax(self, batch, avx512, matmul):
+    # On CPU, 'auto' inference takes the matmul path below batch 128 and,
+    # on CPUs with AVX-512, 'ynnpack' (lax convolutions in one fused YNNPACK
+    # graph, the first as shifted products) from 128 up; values agree
+    # either way.
     images, _ = _batch(batch)
     net = model.age_model(conv_impl='auto')
     variables = _variables()
     apply = lambda v, x: net.apply(v, x, train=False)
-    jaxpr = str(jax.make_jaxpr(apply)(variables, images))
+    flags = frozenset({'avx2'} | ({'avx512f'} if avx512 else set()))
+    with mock.patch.object(onednn, 'cpu_flags', return_value=flags):
+      jaxpr = str(jax.make_jaxpr(apply)(variables, images))
+      got = jax.jit(apply)(variables, images)
     self.assertEqual('custom_vjp_call' in jaxpr, matmul)
     if not matmul:
       self.assertEqual(jaxpr.count('conv_general_dilated'), 5)
     want = jax.jit(
         lambda v, x: model.age_model(conv_impl='lax').apply(v, x, train=False)
     )(variables, images)
-    chex.assert_trees_all_close(
-        jax.jit(apply)(variables, images), want, rtol=_TOL, atol=_TOL
-    )
+    chex.assert_trees_all_close(got, want, rtol=_TOL, atol=_TOL)
 
 
 if __name__ == '__main__':
