@@ -80,19 +80,21 @@ the pooling with the same ``impl`` names as the convolution.
 Inference is different: with no backward pass, XLA:CPU gives the whole
 forward network (convolutions, bias, ReLU, BatchNorm on running statistics,
 pooling, the first dense layer) to YNNPACK as one fused graph, which on
-CPUs with AVX-512 runs it near the machine's matmul peak from batch 128 up
-(on an AVX2 CPU measured, the custom forward stays faster). Only the first
+x86-64 CPUs with AVX-512 runs it near the machine's matmul peak from batch
+128 up (on the one AVX2 CPU measured, it was slower than the custom
+forward, or as fast). Only the first
 convolution, whose input has one channel, stays outside that graph. The
 ``'ynnpack'`` implementation (`ynnpack_conv_general_dilated` and `relu_for`)
 computes it as a sum of shifted products instead, which XLA fuses with its
 bias add and ReLU into one loop ahead of the graph. `resolve_impl` maps
 ``'auto'`` to ``'ynnpack'`` for inference batches of 128 and more on
-CPUs with AVX-512.
+x86-64 CPUs with AVX-512.
 """
 
 from __future__ import annotations
 
 import functools
+import platform
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -127,7 +129,6 @@ _dot_general = onednn.dot_general
 # at 1.4-1.6x YNNPACK's speed at batch 128 and 0.98-1.14x at 256-1024
 # (docs/performance_log.md, sessions 11 and 30).
 _YNN_INFERENCE_MIN_BATCH = 128
-_YNN_INFERENCE_CPU_FLAG = 'avx512f'
 
 
 def resolve_impl(impl: str, *, train: bool, batch_size: int) -> str:
@@ -135,9 +136,9 @@ def resolve_impl(impl: str, *, train: bool, batch_size: int) -> str:
 
   Off the CPU, ``'lax'``. On the CPU, ``'matmul'`` for training (its custom
   VJP is the fast backward pass) and for inference, except ``'ynnpack'``
-  for inference batches of at least 128 on CPUs with AVX-512 (see the
-  module docstring). Other implementations are returned as they are. All
-  choices give the same values up to float32 rounding.
+  for inference batches of at least 128 on x86-64 CPUs with AVX-512 (see
+  the module docstring). Other implementations are returned as they are.
+  All choices give the same values up to float32 rounding.
 
   Args:
     impl: One of `IMPLS`.
@@ -153,13 +154,23 @@ def resolve_impl(impl: str, *, train: bool, batch_size: int) -> str:
     return impl
   if jax.default_backend() != 'cpu':
     return 'lax'
-  if (
-      not train
-      and batch_size >= _YNN_INFERENCE_MIN_BATCH
-      and _YNN_INFERENCE_CPU_FLAG in onednn.cpu_flags()
-  ):
+  if not train and batch_size >= _YNN_INFERENCE_MIN_BATCH and _ynnpack_inference_cpu():
     return 'ynnpack'
   return 'matmul'
+
+
+@functools.cache
+def _ynnpack_inference_cpu() -> bool:
+  """Whether YNNPACK's fused inference graph was measured faster on this kind of CPU.
+
+  x86-64 with AVX-512 (the Zen 4 and the Xeon). On the AVX2 Zen 3 the
+  custom forward was faster; other CPUs (Arm among them) were not measured
+  and keep the custom forward, which is exact there too.
+  """
+  return (
+      platform.machine().lower() in ('x86_64', 'amd64')
+      and 'avx512f' in onednn.cpu_flags()
+  )
 
 
 def conv_general_dilated_for(impl: str) -> ConvFn:

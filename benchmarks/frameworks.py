@@ -35,7 +35,8 @@ steps back to back (docs/performance_log.md, session 22).
 Each rival also runs in the configurations a user tuning it would try:
 ``torch-compile`` (Inductor), ``torch-passive`` (OpenMP threads that sleep
 while they wait), ``keras-onednn`` (TensorFlow's oneDNN kernels, off by
-default on CPUs without AVX-512) and ``keras-xla`` (``jit_compile=True``).
+default on CPUs without AVX-512 VNNI, AVX-512 BF16 or AMX instructions)
+and ``keras-xla`` (``jit_compile=True``).
 With more than one rival, the table's last ratio per agejax row is against
 the fastest of them, round by round.
 
@@ -52,7 +53,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
 from absl import flags
@@ -82,7 +83,8 @@ FRAMEWORKS = (
 RIVAL_ENV = {
     # OpenMP pool threads sleep instead of spinning while they wait.
     'torch-passive': {'OMP_WAIT_POLICY': 'PASSIVE'},
-    # TensorFlow keeps its oneDNN kernels off by default on CPUs without AVX-512.
+    # TensorFlow's oneDNN kernels: on by default only on CPUs with AVX-512
+    # VNNI, AVX-512 BF16 or AMX instructions.
     'keras-onednn': {'TF_ENABLE_ONEDNN_OPTS': '1'},
 }
 
@@ -345,7 +347,12 @@ def _builder(framework: str, scan_batches: int) -> StepBuilder:
 
 
 def device_of(framework: str) -> str:
-  """The device ``framework`` computes on (its default), for the record."""
+  """The device ``framework`` computes on (its default), for the record.
+
+  For Keras on a CPU, also whether TensorFlow's oneDNN kernels are on, so
+  the record shows that ``keras-onednn`` (`RIVAL_ENV`) took effect and
+  whether plain ``keras`` ran with them.
+  """
   if framework.startswith('agejax-'):
     import jax  # pylint: disable=g-import-not-at-top
     device = jax.devices()[0]
@@ -392,11 +399,26 @@ def others_share(
   return max(0, busy - own + steal) / ticks_per_s / (wall_s * num_cpus)
 
 
+def rival_environment(framework: str, environ: Mapping[str, str]) -> dict[str, str]:
+  """The environment ``framework``'s worker runs in: ``environ`` with its `RIVAL_ENV`.
+
+  Every other variant's variables are removed, so a variable exported in
+  the driver's shell cannot turn a default row into a tuned one.
+  """
+  tuned = {name for env in RIVAL_ENV.values() for name in env}
+  env = {name: value for name, value in environ.items() if name not in tuned}
+  env.update(RIVAL_ENV.get(framework, {}))
+  return env
+
+
 def _worker(
     framework: str, conn: Any, steps: int, warmup: int, scan_batches: int
 ) -> None:
   """Serves timing requests: receives a case, answers images/s and `others_share` (or None)."""
-  os.environ.update(RIVAL_ENV.get(framework, {}))
+  env = rival_environment(framework, os.environ)
+  for name in set(os.environ) - set(env):
+    del os.environ[name]
+  os.environ.update(env)
   build = _builder(framework, scan_batches)
   runs: dict[Case, tuple[Callable[[], None], int]] = {}
   num_cpus, ticks_per_s = len(os.sched_getaffinity(0)), os.sysconf('SC_CLK_TCK')
@@ -511,8 +533,8 @@ def format_table(
     for name, group in groups:
       cells = []
       for c in cases:
-        best = [max(rnd) for rnd in zip(*(samples[r, c] for r in group))]
-        ratios = [a / b for a, b in zip(samples[fw, c], best)]
+        best = [max(rnd) for rnd in zip(*(samples[r, c] for r in group), strict=True)]
+        ratios = [a / b for a, b in zip(samples[fw, c], best, strict=True)]
         cells.append(
             f'{statistics.median(ratios):.2f}x'
             f' ({min(ratios):.2f}-{max(ratios):.2f})'

@@ -804,13 +804,30 @@ class ConvGeneralDilatedForTest(parameterized.TestCase):
       ('auto', 'tpu', False, 512, False, 'lax'),
   )
   def test_resolve_impl(self, impl, backend, train, batch_size, avx512, want):
-    flags = frozenset({'avx2', 'fma'} | ({'avx512f'} if avx512 else set()))
     with (
         mock.patch.object(jax, 'default_backend', return_value=backend),
-        mock.patch.object(onednn, 'cpu_flags', return_value=flags),
+        mock.patch.object(conv, '_ynnpack_inference_cpu', return_value=avx512),
     ):
       got = conv.resolve_impl(impl, train=train, batch_size=batch_size)
     self.assertEqual(got, want)
+
+  @parameterized.named_parameters(
+      ('zen4', 'x86_64', 'fpu avx2 avx512f avx512bw', True),
+      ('zen3', 'x86_64', 'fpu avx2 fma', False),
+      ('arm', 'aarch64', 'fp asimd avx512f', False),
+      ('no_cpuinfo', 'x86_64', None, False),
+  )
+  def test_ynnpack_inference_cpu(self, machine, flags, want):
+    words = frozenset(flags.split()) if flags else frozenset()
+    conv._ynnpack_inference_cpu.cache_clear()
+    try:
+      with (
+          mock.patch.object(conv.platform, 'machine', return_value=machine),
+          mock.patch.object(onednn, 'cpu_flags', return_value=words),
+      ):
+        self.assertEqual(conv._ynnpack_inference_cpu(), want)
+    finally:
+      conv._ynnpack_inference_cpu.cache_clear()
 
   def test_resolve_impl_unknown_raises(self):
     with self.assertRaisesRegex(ValueError, 'Unknown conv impl'):

@@ -98,6 +98,27 @@ class OthersShareTest(parameterized.TestCase):
     self.assertGreater(frameworks.cpu_ticks()[2], own)
 
 
+class RivalEnvironmentTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('default_torch_drops_an_exported_policy', 'torch',
+       {'PATH': '/bin', 'OMP_WAIT_POLICY': 'PASSIVE'}, {'PATH': '/bin'}),
+      ('passive_torch', 'torch-passive', {'PATH': '/bin'},
+       {'PATH': '/bin', 'OMP_WAIT_POLICY': 'PASSIVE'}),
+      ('default_keras_drops_exported_onednn', 'keras',
+       {'TF_ENABLE_ONEDNN_OPTS': '1'}, {}),
+      ('onednn_keras_overrides_an_exported_0', 'keras-onednn',
+       {'TF_ENABLE_ONEDNN_OPTS': '0'}, {'TF_ENABLE_ONEDNN_OPTS': '1'}),
+      ('agejax_keeps_other_variables', 'agejax-auto',
+       {'XLA_FLAGS': '--x', 'OMP_WAIT_POLICY': 'ACTIVE'}, {'XLA_FLAGS': '--x'}),
+  )
+  def test_environment(self, framework, environ, want):
+    self.assertEqual(frameworks.rival_environment(framework, environ), want)
+
+  def test_every_tuned_variant_is_a_framework(self):
+    self.assertContainsSubset(frameworks.RIVAL_ENV, frameworks.FRAMEWORKS)
+
+
 class DeviceTest(absltest.TestCase):
 
   def test_agejax_reports_its_default_device(self):

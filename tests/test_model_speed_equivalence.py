@@ -233,8 +233,7 @@ class CnnSpeedEquivalenceTest(parameterized.TestCase):
     net = model.age_model(conv_impl='auto')
     variables = _variables()
     apply = lambda v, x: net.apply(v, x, train=False)
-    flags = frozenset({'avx2'} | ({'avx512f'} if avx512 else set()))
-    with mock.patch.object(onednn, 'cpu_flags', return_value=flags):
+    with mock.patch.object(conv, '_ynnpack_inference_cpu', return_value=avx512):
       jaxpr = str(jax.make_jaxpr(apply)(variables, images))
       got = jax.jit(apply)(variables, images)
     self.assertEqual('custom_vjp_call' in jaxpr, matmul)
