@@ -122,10 +122,11 @@ _NHWC_HWIO = lax.ConvDimensionNumbers(
 # dtype, else XLA's dot.
 _dot_general = onednn.dot_general
 
-# From this batch size up, on CPUs with this flag, XLA:CPU's fused YNNPACK
-# inference graph (``lax`` convolutions and ``reduce_window`` pooling) beats
-# the custom forward: 890-1131 vs 812-860 images/s at batch 128-512, but 676
-# vs 898 at batch 64 (2-core Zen 4). On an AVX2 Zen 3 the custom forward ran
+# From this batch size up, on x86-64 CPUs with AVX-512
+# (`_ynnpack_inference_cpu`), XLA:CPU's fused YNNPACK inference graph
+# (``lax`` convolutions and ``reduce_window`` pooling) beats the custom
+# forward: 890-1131 vs 812-860 images/s at batch 128-512, but 676 vs 898 at
+# batch 64 (2-core Zen 4). On an AVX2 Zen 3 the custom forward ran
 # at 1.4-1.6x YNNPACK's speed at batch 128 and 0.98-1.14x at 256-1024
 # (docs/performance_log.md, sessions 11 and 30).
 _YNN_INFERENCE_MIN_BATCH = 128
