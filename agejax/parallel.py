@@ -4,7 +4,7 @@ One mesh axis, ``data``: batches are sharded along it, parameters, optimizer
 state and BatchNorm statistics are replicated. `jax.jit` then partitions the
 steps (GSPMD), and BatchNorm's batch statistics are computed over the global
 batch, so N devices train exactly like one device on the same global batch.
-The same code runs on one CPU, a GPU, a Colab TPU v2-8 or a pod slice.
+The same code runs on one CPU, a GPU, a Colab TPU, a TPU VM's chips or a pod slice.
 """
 
 from __future__ import annotations

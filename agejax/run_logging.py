@@ -1,5 +1,5 @@
 """Where a run's numbers go: JSON files, JSON lines, TensorBoard events and
-per-example predictions.
+per-example predictions; and where each session of a run ran (`environment`).
 
 In a multi-host run every host computes the same numbers; only process 0
 writes them (`is_writer`), so hosts sharing a run directory do not race.
@@ -7,6 +7,8 @@ writes them (`is_writer`), so hosts sharing a run directory do not race.
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import pathlib
 from typing import Any, Mapping, Sequence
@@ -103,6 +105,65 @@ def write_history(path: str | pathlib.Path, history: Sequence[Mapping[str, Any]]
       ''.join(json.dumps(h, sort_keys=True, default=_plain) + '\n' for h in history)
   )
   tmp.replace(path)
+
+
+# The libraries whose versions decide what a run computes.
+_VERSIONED = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint')
+
+
+def environment(mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """Where this process computes: backend, devices, matmul precision, versions.
+
+  The same run can train on a TPU, lose its runtime and finish on a CPU, and
+  float32 products differ between them unless ``jax_default_matmul_precision``
+  is set: JAX's default computes them in bfloat16 passes on TPUs and in
+  TensorFloat-32 on recent NVIDIA GPUs, in float32 on CPUs. So a run records
+  this once per session (`append_json_line`) and reports all of them.
+  """
+  kinds = sorted({d.device_kind for d in mesh.devices.flat})
+  versions = {}
+  for name in _VERSIONED:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  return {
+      'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'backend': mesh.devices.flat[0].platform,
+      'device_kind': ', '.join(kinds),
+      'devices': int(mesh.devices.size),
+      'processes': jax.process_count(),
+      'matmul_precision': str(jax.config.jax_default_matmul_precision or 'default'),
+      'versions': versions,
+  }
+
+
+def append_json_line(path: str | pathlib.Path, obj: Mapping[str, Any]) -> None:
+  """Appends ``obj`` as one JSON line: earlier lines are never rewritten."""
+  if not is_writer():
+    return
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'a') as f:
+    f.write(json.dumps(obj, sort_keys=True, default=_plain) + '\n')
+
+
+def read_json_lines(path: str | pathlib.Path) -> list[Any]:
+  """The JSON lines of ``path`` (none if it is missing), skipping any cut short.
+
+  A line is cut short when a process dies while appending it, or when a
+  synced copy (Google Drive) was interrupted; the lines before it stand.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  lines = []
+  for line in path.read_text().splitlines():
+    try:
+      lines.append(json.loads(line))
+    except ValueError:
+      continue
+  return lines
 
 
 def _plain(x: Any) -> Any:

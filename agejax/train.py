@@ -268,9 +268,12 @@ def train_and_evaluate(
       a dict of arrays with ``image`` uint8 [N, H, W, C] and ``label`` int32
       [N] (and ``age`` for MAE in years when classes are age ranges).
     workdir: The run directory: checkpoints, ``config.json``,
-      ``metrics.jsonl``, ``tensorboard/``, ``results.json`` and
+      ``metrics.jsonl``, ``tensorboard/``, ``results.json``,
       ``predictions_{validation,test}.npz`` (per-example predictions of the
-      best checkpoint, see `agejax.run_logging.write_predictions`).
+      best checkpoint, see `agejax.run_logging.write_predictions`) and
+      ``environment.jsonl`` (one line per call: where it ran, see
+      `agejax.run_logging.environment`, and the epochs done before and
+      after it).
     mesh: Devices to train on (default: every device, data parallel).
     log: Where progress lines go.
     show_progress: Show a progress bar per epoch.
@@ -281,9 +284,10 @@ def train_and_evaluate(
 
   Returns:
     ``{'best_epoch', 'epochs_done', 'epochs_planned', 'history',
-    'transfer', 'validation', 'test'}``; the validation and test entries are
-    `agejax.evaluate.summarize` scores of the best checkpoint plus its
-    ``confusion`` matrix.
+    'transfer', 'environment', 'validation', 'test'}``; the validation and
+    test entries are `agejax.evaluate.summarize` scores of the best
+    checkpoint plus its ``confusion`` matrix; ``environment`` holds the lines
+    of ``environment.jsonl``, this call's last.
 
   Raises:
     ValueError: before anything is written, when ``mesh`` is not of JAX's
@@ -354,6 +358,10 @@ def train_and_evaluate(
     )
 
   last = len(plan) if stop_after_epoch is None else min(stop_after_epoch, len(plan))
+  run_logging.append_json_line(
+      workdir / 'environment.jsonl',
+      {**run_logging.environment(mesh), 'epochs_before': done, 'epochs_after': last},
+  )
   writer = run_logging.TensorBoardWriter(workdir / 'tensorboard')
   try:
     for g in range(done, last):
@@ -442,6 +450,7 @@ def train_and_evaluate(
       'epochs_planned': len(plan),
       'history': history,
       'transfer': transfer_report,
+      'environment': run_logging.read_json_lines(workdir / 'environment.jsonl'),
   }
   for split in ('validation', 'test'):
     if split in data:

@@ -63,6 +63,14 @@ flags.DEFINE_string(
     ' compiling them again (run_study gives its runs one); unset: $JAX_COMPILATION_CACHE_DIR'
     ' or none.',
 )
+flags.DEFINE_enum(
+    'matmul_precision', None, ['default', 'bfloat16', 'tensorfloat32', 'float32'],
+    'Precision of float32 matrix products and convolutions (jax_default_matmul_precision).'
+    " Unset: $JAX_DEFAULT_MATMUL_PRECISION or JAX's default, which is float32 on CPUs but"
+    ' bfloat16 passes on TPUs and TensorFloat-32 on recent NVIDIA GPUs; float32 computes'
+    ' as the CPU does everywhere, at some speed off the CPU. Each run records it'
+    ' (environment.jsonl).',
+)
 flags.DEFINE_integer(
     'stop_after_epoch', None,
     'Stop, resumably, after this many epochs of the run (time-boxed jobs);'
@@ -459,7 +467,7 @@ def num_age_classes() -> int:
 
 
 def setup() -> None:
-  """Quiets logging, joins a multi-host run and caches compiled programs when the flags ask.
+  """Applies the process-wide flags: logging, multi-host, matmul precision, compile cache.
 
   Orbax logs every save and restore at INFO, which absl turns on by default;
   we keep the console to progress lines unless --verbosity is given.
@@ -477,6 +485,8 @@ def setup() -> None:
           ' clusters JAX detects (SLURM, Open MPI), pass --coordinator_address,'
           ' --num_processes and --process_id.'
       ) from e
+  if FLAGS.matmul_precision:
+    jax.config.update('jax_default_matmul_precision', FLAGS.matmul_precision)
   if FLAGS.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', FLAGS.compilation_cache_dir)
     # Every program, not only those that take a second or more (JAX's

@@ -348,6 +348,36 @@ def _stage_plan(run: Run) -> str:
   return plan
 
 
+def _session_label(env: Mapping[str, Any]) -> str:
+  """One session of a run (a line of its environment.jsonl), in words."""
+  processes = env.get('processes', 1)
+  return (
+      f'{env.get("devices")} x {env.get("device_kind")} ({env.get("backend")}'
+      + (f', {processes} processes' if processes > 1 else '')
+      + f'), JAX {env.get("versions", {}).get("jax")},'
+      f' matmul precision {env.get("matmul_precision")}'
+  )
+
+
+def devices_lines(study: Study) -> list[str]:
+  """Which devices each run trained and was evaluated on, as the run recorded it.
+
+  Runs that moved between machines (a resumed Colab run) list every one;
+  runs made before agejax recorded this say so. Empty when no run did.
+  """
+  where = collections.defaultdict(list)
+  for key, run in sorted(study.runs.items()):
+    sessions = run.results.get('environment') or []
+    labels = sorted({_session_label(s) for s in sessions}) or ['not recorded']
+    where[' and '.join(labels)].append(f'`{key}`')
+  if set(where) <= {'not recorded'}:
+    return []
+  return [
+      "- Devices, as each run recorded them (its environment.jsonl):",
+      *(f'  - {label}: {", ".join(keys)}' for label, keys in sorted(where.items())),
+  ]
+
+
 def header_section(study: Study, options: Options) -> str:
   """Title, schedule, hardware and data source of the numbers."""
   plans = collections.defaultdict(list)
@@ -376,6 +406,7 @@ def header_section(study: Study, options: Options) -> str:
       + '. Stages as recorded in each run\'s config.json:',
       *(plan_lines or ['  - no finished runs']),
       f'- Hardware: {options.hardware_note}',
+      *devices_lines(study),
       f'- Training time of the finished runs: {hours:.2f} h.',
       *(
           f'- {task} data: {", ".join(found) if found else "no data_report.json found"}.'

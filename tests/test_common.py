@@ -352,5 +352,40 @@ class CompilationCacheTest(absltest.TestCase):
     )
 
 
+_PRECISION_SCRIPT = """
+import json, os, sys
+os.environ.pop('JAX_DEFAULT_MATMUL_PRECISION', None)
+from absl import flags
+import jax, jax.numpy as jnp
+from experiments import common
+try:
+  flags.FLAGS(['prog', *sys.argv[1:]])
+except flags.Error as e:
+  print(json.dumps(['Error', str(e)]))
+  sys.exit()
+common.setup()
+x = jnp.arange(4.0).reshape(2, 2)
+hlo = jax.jit(lambda a: a @ a).lower(x).as_text()
+print(json.dumps([jax.config.jax_default_matmul_precision, 'HIGHEST' in hlo]))
+"""
+
+
+class MatmulPrecisionTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ('unset', [], [None, False]),
+      ('float32', ['--matmul_precision=float32'], ['float32', True]),
+      ('bfloat16', ['--matmul_precision=bfloat16'], ['bfloat16', False]),
+      ('unknown', ['--matmul_precision=fast'], ['Error', 'value should be one of']),
+  )
+  def test_setup_sets_the_precision_programs_compile_with(self, args, want):
+    got = _run_script(_PRECISION_SCRIPT, *args)
+    if want[0] == 'Error':
+      self.assertEqual(got[0], 'Error')
+      self.assertIn(want[1], got[1])
+    else:
+      self.assertEqual(got, want)
+
+
 if __name__ == '__main__':
   absltest.main()

@@ -7,16 +7,22 @@ notebook runs them).
 """
 
 import ast
+import importlib.metadata
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
+from packaging import requirements
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / 'notebooks' / 'colab_tpu.ipynb'
+CONSTRAINTS = ROOT / 'notebooks' / 'constraints.txt'
+# Dependencies whose versions decide what a run computes: the install must pin them.
+_PINNED = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint')
 
 _PARSE = """
 import importlib, json, sys
@@ -105,6 +111,28 @@ class NotebookTest(parameterized.TestCase):
         self.assertEqual(protocols, ['dedup', 'paper', 'leaky'])
         self.assertEqual(extra[0], f'--manual_dir={data_dir}')
         self.assertIn('--batch_size=64', extra)
+        self.assertIn('--matmul_precision=float32', extra)
+
+  def test_both_installs_are_held_to_the_constraints(self):
+    installs = [l for l in _cell('pip install').splitlines() if l.startswith('!pip install')]
+    self.assertLen(installs, 2)
+    for line in installs:
+      self.assertIn(' -c notebooks/constraints.txt', line)
+
+  def test_constraints_pin_versions_agejax_accepts(self):
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+      if line.strip() and not line.startswith('#'):
+        match = re.fullmatch(r'([A-Za-z0-9_.-]+)==([0-9][0-9A-Za-z.]*)', line.strip())
+        self.assertIsNotNone(match, f'{CONSTRAINTS}: {line!r} is not name==version')
+        pins[match[1].lower()] = match[2]
+    self.assertContainsSubset(_PINNED, pins)
+    self.assertEqual(pins['jax'], pins['jaxlib'])  # jax[tpu] requires its own jaxlib
+    for dependency in importlib.metadata.requires('agejax'):
+      requirement = requirements.Requirement(dependency)
+      name = requirement.name.lower()
+      if name in pins and requirement.marker is None:
+        self.assertIn(pins[name], requirement.specifier, f'{name} in {CONSTRAINTS}')
 
   def test_unknown_flag_is_caught(self):
     with self.assertRaisesRegex(AssertionError, 'runs'):

@@ -245,7 +245,10 @@ class MultiHostTest(absltest.TestCase):
     self.assertLen(list((run / 'tensorboard').iterdir()), 1)  # process 0 writes alone
     with np.load(run / 'predictions_test.npz') as saved:
       self.assertEqual(saved['pred'].shape, (24,))
-    self.assertEqual(json.loads((run / 'results.json').read_text())['test']['count'], 24)
+    saved = json.loads((run / 'results.json').read_text())
+    self.assertEqual(saved['test']['count'], 24)
+    (session,) = saved['environment']  # one line per session, from process 0 alone
+    self.assertEqual((session['processes'], session['devices']), (2, 4))
     for got in host_results:
       self._assert_like(got, one)
 
@@ -262,6 +265,8 @@ class MultiHostTest(absltest.TestCase):
     for got in [self._results(h) for h in hosts]:
       self._assert_like(got, one)
     self.assertEqual(sorted(os.listdir(latest)), ['1', '2', '2.unreadable'])
+    sessions = json.loads((run / 'results.json').read_text())['environment']
+    self.assertEqual([s['epochs_before'] for s in sessions], [0, 1])
 
 
 if __name__ == '__main__':

@@ -9,6 +9,7 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import jax
 import numpy as np
 
 from agejax import ages
@@ -127,6 +128,36 @@ class HeaderTest(parameterized.TestCase):
     warnings = re.findall(r'say nothing about (.*)\.\*\*', header)
     self.assertEqual(warnings, [warned_about] if warned_about else [])
 
+  def test_devices_as_each_run_recorded_them(self):
+    def session(backend, kind, devices, precision):
+      return {'backend': backend, 'device_kind': kind, 'devices': devices, 'processes': 1,
+              'matmul_precision': precision, 'versions': {'jax': '0.10.2'}}
+
+    tpu = session('tpu', 'TPU v5 lite', 1, 'float32')
+    cpu = session('cpu', 'cpu', 1, 'default')
+    with tempfile.TemporaryDirectory() as tmp:
+      root = pathlib.Path(tmp)
+      _write_run(root, 'fer', {**_results(7, 0.6), 'environment': [tpu, tpu]})
+      _write_run(root, 'dedup/fc1', {**_results(100, 0.4), 'environment': [tpu, cpu]})
+      _write_run(root, 'dedup/scratch', _results(100, 0.3))
+      header = report.header_section(report.load_study(root), report.Options(hardware_note='box'))
+    tpu_words = '1 x TPU v5 lite (tpu), JAX 0.10.2, matmul precision float32'
+    cpu_words = '1 x cpu (cpu), JAX 0.10.2, matmul precision default'
+    self.assertIn(
+        '- Devices, as each run recorded them (its environment.jsonl):\n'
+        f'  - {tpu_words}: `fer`\n'
+        f'  - {tpu_words} and {cpu_words}: `dedup/fc1`\n'
+        '  - not recorded: `dedup/scratch`\n',
+        header,
+    )
+
+  def test_no_devices_lines_when_no_run_recorded_them(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      root = pathlib.Path(tmp)
+      _write_run(root, 'fer', _results(7, 0.6))
+      header = report.header_section(report.load_study(root), report.Options(hardware_note='box'))
+    self.assertNotIn('Devices', header)
+
 
 class FromTrainingTest(parameterized.TestCase):
   """The report reads what `agejax.train.train_and_evaluate` writes, not only fixtures."""
@@ -159,6 +190,7 @@ class FromTrainingTest(parameterized.TestCase):
       md = report.write_report(study, root / 'docs', report.Options(figures=())).read_text()
     self.assertEqual(sorted(study.runs), [f'dedup/{experiment}'])
     self.assertRegex(md, rf'\| {experiment}( \(11 ranges\))? \| \d+\.\d\d \|')
+    self.assertRegex(md, rf'  - \d+ x \S+ \({jax.default_backend()}\), JAX {jax.__version__}, .*`dedup/{experiment}`')
 
 
 class ReportTest(parameterized.TestCase):

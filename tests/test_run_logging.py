@@ -1,4 +1,4 @@
-"""Tests of agejax.run_logging: run records and per-example prediction files."""
+"""Tests of agejax.run_logging: run records, JSON lines, environments and prediction files."""
 
 import json
 import pathlib
@@ -6,8 +6,10 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import jax
 import numpy as np
 
+from agejax import parallel
 from agejax import run_logging
 
 
@@ -98,6 +100,35 @@ class WritePredictionsTest(absltest.TestCase):
             path, {'label': np.zeros(3, np.int32)}, {'pred': np.zeros(2, np.int32)}
         )
       self.assertFalse(path.exists())
+
+
+class JsonLinesTest(absltest.TestCase):
+
+  def test_appends_and_skips_a_line_cut_short(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      path = pathlib.Path(tmp) / 'run' / 'environment.jsonl'
+      self.assertEqual(run_logging.read_json_lines(path), [])
+      run_logging.append_json_line(path, {'a': 1})
+      with open(path, 'a') as f:
+        f.write('{"b": ')  # a process killed mid-line
+      with open(path, 'a') as f:
+        f.write('\n')
+      run_logging.append_json_line(path, {'c': np.int32(3)})
+      self.assertEqual(run_logging.read_json_lines(path), [{'a': 1}, {'c': 3}])
+
+
+class EnvironmentTest(absltest.TestCase):
+
+  def test_names_devices_precision_and_versions(self):
+    mesh = parallel.data_mesh()
+    env = run_logging.environment(mesh)
+    self.assertEqual(env['backend'], jax.default_backend())
+    self.assertEqual(env['devices'], jax.device_count())
+    self.assertEqual(env['versions']['jax'], jax.__version__)
+    self.assertEqual(env['matmul_precision'], 'default')
+    with jax.default_matmul_precision('float32'):
+      self.assertEqual(run_logging.environment(mesh)['matmul_precision'], 'float32')
+    json.dumps(env)
 
 
 if __name__ == '__main__':

@@ -53,7 +53,8 @@ class _Killed(Exception):
 
 
 def _without_timing(results):
-  results = dict(results)
+  """``results`` without what differs between equal runs: times and sessions."""
+  results = {k: v for k, v in results.items() if k != 'environment'}
   results['history'] = [
       {k: v for k, v in h.items() if k != 'seconds'} for h in results['history']
   ]
@@ -276,8 +277,22 @@ class TrainAndEvaluateTest(parameterized.TestCase):
       again = train.train_and_evaluate(
           _config(), data, tmp, log=lambda _: None, show_progress=False
       )
+      saved = json.loads((pathlib.Path(tmp) / 'results.json').read_text())
     self.assertEqual(first['test']['accuracy'], again['test']['accuracy'])
     chex.assert_equal(len(first['test']['confusion']), 100)
+    # Each call adds where it ran; the second only re-evaluated.
+    self.assertEqual(saved['environment'], again['environment'])
+    self.assertEqual(
+        [(s['epochs_before'], s['epochs_after']) for s in again['environment']],
+        [(0, 3), (3, 3)],
+    )
+    session = again['environment'][-1]
+    self.assertEqual(
+        (session['backend'], session['devices'], session['processes']),
+        (jax.default_backend(), jax.device_count(), 1),
+    )
+    self.assertEqual(session['versions']['jax'], jax.__version__)
+    self.assertEqual(session['matmul_precision'], 'default')
 
   @parameterized.named_parameters(
       ('nominal_scores',
